@@ -1,0 +1,203 @@
+"""Differentiable reward models for reward-backprop fine-tuning.
+
+Every scorer is an `nn.Module` called as `scorer(images, prompts) -> rewards`, with `images` a (B, 3, H, W) tensor of
+pixels in [0, 1], `prompts` a list of B strings and `rewards` a (B,) tensor. Nothing here runs under `no_grad` or
+clamps: gradients must flow from the reward back to the pixels, and from there through the VAE and the last K
+denoising steps into the LoRA weights. Scorers are frozen (`requires_grad=False`) and in eval mode.
+
+`load_reward(name, device, tiny)` builds one by name. With `tiny=True` the same classes are built around tiny,
+randomly initialised CLIP towers (seeded, so every process and `eval.py` gets the same scorer): only sizes and weights
+differ from the real models.
+
+Where the real weights come from:
+- aesthetic: the LAION "improved aesthetic predictor" MLP `sac+logos+ava1-l14-linearMSE.pth` (AESTHETIC_URL, cached
+  by torch.hub) over OpenAI CLIP ViT-L/14 (open_clip `ViT-L-14`, pretrained="openai").
+- hps: HPSv2.1, `HPS_v2.1_compressed.pt` from the hub repo `xswu/HPSv2`, loaded into open_clip `ViT-H-14`.
+- clip: OpenAI CLIP ViT-L/14, as for aesthetic (loaded once if both are used).
+- compressibility: no weights.
+"""
+import contextlib
+import functools
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from torch import nn
+
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac+logos+ava1-l14-linearMSE.pth")
+HPS_REPO, HPS_FILE = "xswu/HPSv2", "HPS_v2.1_compressed.pt"
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's preprocessing in differentiable torch ops: resize the longest side to `size` (bicubic, antialiased,
+    which reproduces PIL's resize), zero-pad to size x size, normalise with the OpenAI CLIP mean/std.
+    For square images this equals CLIP's own resize + centre crop. (B,3,H,W) in [0,1] -> (B,3,size,size)."""
+    h, w = images.shape[-2:]
+    new_h, new_w = round(h * size / max(h, w)), round(w * size / max(h, w))
+    x = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    pad_h, pad_w = size - new_h, size - new_w
+    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    mean = torch.tensor(OPENAI_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def encode_image(clip: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalised CLIP image embedding, (B,3,H,W) in [0,1] -> (B, D), differentiable."""
+    size = clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    pixels = clip_preprocess(images, size).to(next(clip.parameters()).dtype)
+    return F.normalize(clip.encode_image(pixels), dim=-1)
+
+
+class Aesthetic(nn.Module):
+    """LAION improved aesthetic predictor: a linear MLP over the normalised CLIP image embedding.
+    Layer indices match the released checkpoint (`layers.{0,2,4,6,7}`; 1, 3, 5 are dropouts)."""
+
+    def __init__(self, clip: nn.Module, dim: int):
+        super().__init__()
+        self.clip = clip
+        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
+
+    def forward(self, images, prompts):
+        return self.layers(encode_image(self.clip, images)).squeeze(-1)
+
+
+class TextImageCosine(nn.Module):
+    """Cosine similarity of normalised image and prompt embeddings (HPSv2 and CLIP score; no logit scale).
+    The text side needs no gradient, so it runs under no_grad; the image side keeps its graph."""
+
+    def __init__(self, clip: nn.Module, tokenizer):
+        super().__init__()
+        self.clip, self.tokenizer = clip, tokenizer
+
+    def forward(self, images, prompts):
+        image_features = encode_image(self.clip, images)
+        with torch.no_grad():
+            tokens = self.tokenizer(prompts).to(images.device)
+            text_features = F.normalize(self.clip.encode_text(tokens), dim=-1)
+        return (image_features * text_features).sum(-1)
+
+
+# JPEG's standard luminance quantisation table (quality 50), row-major over the 8x8 DCT frequencies.
+JPEG_LUMA_Q = torch.tensor([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=torch.float32).view(8, 8)
+
+
+def dct_matrix(n: int = 8) -> torch.Tensor:
+    """Orthonormal DCT-II matrix D (n, n): the 2-D DCT of a block X is D @ X @ D.T."""
+    k, i = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+    d = torch.cos(torch.pi * (2 * i + 1) * k / (2 * n)) * (2 / n) ** 0.5
+    d[0] /= 2 ** 0.5
+    return d
+
+
+class Compressibility(nn.Module):
+    """Weight-free proxy for JPEG compressibility (DDPO's reward is the negative JPEG file size in kB).
+
+    JPEG codes each 8x8 block of luma as DCT coefficients divided by a quantisation table; the entropy-coded size
+    grows roughly with log2(1 + |coefficient / q|) per AC coefficient. Summing that over the AC coefficients gives
+    an estimate of the bits per block, and the reward is its negative mean. Unlike the real file size it has no
+    rounding step, so it is differentiable almost everywhere (|.| has a subgradient at 0). Prompts are ignored."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("dct", dct_matrix())
+        self.register_buffer("q", JPEG_LUMA_Q)
+
+    def forward(self, images, prompts):
+        luma = 255 * (0.299 * images[:, 0] + 0.587 * images[:, 1] + 0.114 * images[:, 2]) - 128   # (B, H, W)
+        h, w = luma.shape[-2] // 8 * 8, luma.shape[-1] // 8 * 8
+        blocks = luma[:, :h, :w].unfold(1, 8, 8).unfold(2, 8, 8)                                # (B, H/8, W/8, 8, 8)
+        coefficients = self.dct.to(luma.dtype) @ blocks @ self.dct.to(luma.dtype).T
+        bits = torch.log2(1 + (coefficients / self.q.to(luma.dtype)).abs())
+        ac_bits = bits.sum((-1, -2)) - bits[..., 0, 0]                                          # (B, H/8, W/8)
+        return -ac_bits.mean((1, 2))
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block with its own CPU random state, leaving the caller's untouched (tiny models built from code)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def tiny_clip() -> nn.Module:
+    """A tiny, randomly initialised open_clip CLIP: the same class as the real towers, 16-d embedding."""
+    return open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                                    "patch_size": 8},
+                          text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+                          output_dict=True)
+
+
+@functools.cache
+def openai_vit_l14() -> nn.Module:
+    """OpenAI CLIP ViT-L/14 (768-d embedding), loaded once for both `aesthetic` and `clip`."""
+    return open_clip.create_model("ViT-L-14", pretrained="openai")
+
+
+def load_aesthetic_mlp(scorer: Aesthetic, path) -> Aesthetic:
+    """Load the released predictor's MLP (a state dict with keys `layers.{0,2,4,6,7}.{weight,bias}`, saved from
+    cuda, hence map_location) strictly into `scorer`."""
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    scorer.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state_dict.items()})
+    return scorer
+
+
+def load_hps_weights(clip: nn.Module, path) -> nn.Module:
+    """Load an HPSv2 checkpoint (`{"state_dict": open_clip CLIP state dict}`) strictly into `clip`."""
+    clip.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    return clip
+
+
+def cached_download(url: str) -> Path:
+    """Download `url` once into torch.hub's checkpoint cache; return the local path."""
+    path = Path(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path))
+    return path
+
+
+def aesthetic(tiny: bool) -> nn.Module:
+    if tiny:
+        with seeded(1):
+            return Aesthetic(tiny_clip(), dim=16)
+    return load_aesthetic_mlp(Aesthetic(openai_vit_l14(), dim=768), cached_download(AESTHETIC_URL))
+
+
+def hps(tiny: bool) -> nn.Module:
+    if tiny:
+        with seeded(2):
+            return TextImageCosine(tiny_clip(), open_clip.get_tokenizer("ViT-H-14"))
+    clip = open_clip.create_model("ViT-H-14", pretrained=None)
+    return TextImageCosine(load_hps_weights(clip, hf_hub_download(HPS_REPO, HPS_FILE)), open_clip.get_tokenizer("ViT-H-14"))
+
+
+def clip_score(tiny: bool) -> nn.Module:
+    with seeded(3):
+        clip = tiny_clip() if tiny else openai_vit_l14()
+    return TextImageCosine(clip, open_clip.get_tokenizer("ViT-L-14"))
+
+
+def compressibility(tiny: bool) -> nn.Module:
+    return Compressibility()
+
+
+REWARDS = {"aesthetic": aesthetic, "hps": hps, "clip": clip_score, "compressibility": compressibility}
+
+
+def load_reward(name: str, device: torch.device | str, tiny: bool = False) -> nn.Module:
+    """Build the scorer `name` (see REWARDS), frozen, in eval mode, on `device`."""
+    if name not in REWARDS:
+        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
+    return REWARDS[name](tiny).requires_grad_(False).eval().to(device)

@@ -1,0 +1,408 @@
+"""Reward Incremental Distillation (RID): reward-incremental LoRA fine-tuning of Stable Diffusion.
+
+Rewards r_1, ..., r_N arrive one after another (tasks). For each task we fine-tune LoRA weights theta by
+backpropagating the reward through the last K DDIM steps (DRaFT-K / AlignProp), and distil from an EMA teacher so
+that the model keeps what earlier tasks taught it and its visual structure:
+
+    L = L_reward + lambda_out * L_out + lambda_feat * L_feat                                       (train_step)
+    L_reward = -s * mean_b r_n(x_0^b, c^b)        x_0 = decode(DDIM(x_T, c)), grads only in the last K steps
+    L_out    = mean_k || eps_S(x_t, t, c) - eps_T(x_t, t, c) ||^2                 at the K gradient steps
+    L_feat   = mean_k mean_l || h_S^l(x_t, t, c) - h_T^l(x_t, t, c) ||^2            (distillation_losses)
+    theta_T <- mu * theta_T + (1 - mu) * theta_S            after every optimizer step (ema_update)
+
+Each task trains a fresh LoRA adapter while earlier ones stay active and frozen (the adapter group); the teacher
+runs on the student's own UNet with its LoRA tensors swapped in (torch.func.functional_call), so it costs one copy
+of the LoRA tensors, not a second UNet. With --lambda-out 0 --lambda-feat 0 --shared-adapter this is plain
+sequential reward fine-tuning, the baseline.
+
+The RIL/RID paper (arXiv 2411.17310) has no public code; everything more specific than its abstract (the loss
+terms, the EMA schedule, which features are distilled) is our reading, with every choice a flag below.
+
+    python rid.py --tiny --rewards aesthetic,hps        # tiny random models, CPU, about a minute
+    python rid.py --rewards aesthetic,hps               # Stable Diffusion v1.5 on a GPU
+"""
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, get_peft_model_state_dict
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+from torchvision.utils import save_image
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, HfArgumentParser
+
+from rewards import REWARDS, load_reward, seeded
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+DEFAULT_PROMPTS = [
+    "a photo of a cat", "a photo of a dog", "a horse in a field", "a red fox in the snow", "a lighthouse at dusk",
+    "a bowl of ramen", "a bicycle leaning on a wall", "a portrait of an old fisherman", "a mountain lake at sunrise",
+    "a city street in the rain", "a cup of coffee on a wooden table", "an owl on a branch", "a sailing boat at sea",
+    "a vase of sunflowers", "a robot reading a book", "a castle on a hill", "a koala eating leaves",
+    "a bridge over a river", "a plate of strawberries", "a desert with sand dunes",
+]
+
+
+@dataclass
+class Args:
+    rewards: str = field(default="aesthetic,hps", metadata={"help": f"task order, comma-separated; known: {', '.join(REWARDS)}"})
+    tiny: bool = field(default=False, metadata={"help": "tiny random models built from code (CPU, no download)"})
+    out_dir: str = field(default="runs/rid", metadata={"help": "output directory (must not hold a run already)"})
+    model: str = field(default=SD15, metadata={"help": "diffusers Stable Diffusion checkpoint (hub id or local path)"})
+    prompts: str | None = field(default=None, metadata={"help": "text file, one prompt a line (default: built-in set)"})
+    steps_per_task: int | None = field(default=None, metadata={"help": "optimizer steps per reward [full 500, tiny 20]"})
+    num_steps: int | None = field(default=None, metadata={"help": "DDIM steps T [full 50, tiny 10]"})
+    k: int = field(default=1, metadata={"help": "the last K DDIM steps carry gradients (1 <= K <= T)"})
+    random_k: bool = field(default=False, metadata={"help": "draw K uniformly from 1..k once per batch"})
+    batch_size: int | None = field(default=None, metadata={"help": "prompts per optimizer step [full 4, tiny 2]"})
+    resolution: int | None = field(default=None, metadata={"help": "image side in pixels [full 512, tiny 32]"})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate [full 4e-4, tiny 3e-2]"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (pulls LoRA towards the base)"})
+    grad_clip: float = field(default=5.0, metadata={"help": "clip the LoRA gradient norm to this"})
+    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r of each adapter (alpha = r)"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale w"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)"})
+    reward_scale: float | None = field(default=None, metadata={"help": "s in L_reward = -s * mean r [full 1, tiny 1e4]"})
+    ema_decay: float | None = field(default=None, metadata={"help": "teacher EMA decay mu in [0, 1]; horizon ~1/(1-mu) "
+                                                                   "steps; 1 = frozen task-start teacher [full 0.99, tiny 0.8]"})
+    lambda_out: float = field(default=1.0, metadata={"help": "weight of output (eps) distillation"})
+    lambda_feat: float = field(default=0.01, metadata={"help": "weight of feature distillation (an MSE of raw "
+                                                                 "activations: far larger than L_out)"})
+    feat_layers: str = field(default="mid_block,up_blocks.0,up_blocks.1",
+                             metadata={"help": "UNet modules whose outputs are distilled, comma-separated"})
+    shared_adapter: bool = field(default=False, metadata={"help": "one LoRA adapter for all tasks instead of one each"})
+    seed: int = field(default=0, metadata={"help": "random seed (LoRA init, prompts, noise)"})
+    log_every: int = field(default=10, metadata={"help": "print a summary line every this many steps"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
+
+
+MODE_DEFAULTS = {
+    "full": dict(steps_per_task=500, num_steps=50, batch_size=4, resolution=512, lr=4e-4, reward_scale=1.0,
+                 ema_decay=0.99),
+    # Tiny random models have LoRA gradients of ~1e-8, below AdamW's eps: the reward is scaled up so that the
+    # optimizer sees them, and the run is short (see README, "Tiny mode").
+    "tiny": dict(steps_per_task=20, num_steps=10, batch_size=2, resolution=32, lr=3e-2, reward_scale=1e4,
+                 ema_decay=0.8),
+}
+
+
+class UsageError(ValueError):
+    """Bad input: printed as one line on stderr, exit status 2, before anything is written."""
+
+
+def resolve(args: Args) -> Args:
+    """Fill the per-mode defaults (fields left at None) from MODE_DEFAULTS."""
+    defaults = MODE_DEFAULTS["tiny" if args.tiny else "full"]
+    return dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+
+
+def reward_names(args: Args) -> list[str]:
+    return [name.strip() for name in args.rewards.split(",")]
+
+
+def read_prompts(path: str | None) -> list[str]:
+    if path is None:
+        return DEFAULT_PROMPTS
+    if not Path(path).is_file():
+        raise UsageError(f"--prompts {path}: no such file; give a text file with one prompt a line")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts {path}: the file holds no prompt; write one prompt a line")
+    return prompts
+
+
+def check_args(args: Args) -> None:
+    """Reject bad input with a UsageError that says what is wrong and how to fix it."""
+    unknown = [name for name in reward_names(args) if name not in REWARDS]
+    if unknown:
+        raise UsageError(f"--rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
+    for name in ("steps_per_task", "num_steps", "batch_size", "resolution", "lora_rank", "log_every"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if not 1 <= args.k <= args.num_steps:
+        raise UsageError(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")
+    if not 0 <= args.ema_decay <= 1:
+        raise UsageError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    if args.lr <= 0 or min(args.lambda_out, args.lambda_feat, args.weight_decay) < 0:
+        raise UsageError("--lr must be positive and --lambda-out, --lambda-feat, --weight-decay non-negative")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} is a file; give a directory path")
+    if (out / "config.json").exists():
+        raise UsageError(f"--out-dir {out} already holds a run; choose another directory or delete it")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: Stable Diffusion from the hub, or the same classes at tiny sizes with random weights.
+
+def clip_tokenizer(tmp_dir: str) -> CLIPTokenizer:
+    """Stable Diffusion's CLIP tokenizer, rebuilt from the BPE vocabulary that ships inside open_clip (no download).
+    Gives the same token ids as SD1.5's own tokenizer; only the special tokens are spelt differently there."""
+    bpe = open_clip.get_tokenizer("ViT-L-14")
+    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    Path(tmp_dir, "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    Path(tmp_dir, "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer(f"{tmp_dir}/vocab.json", f"{tmp_dir}/merges.txt", model_max_length=77)
+
+
+def tiny_pipeline() -> StableDiffusionPipeline:
+    """SD1.5's classes at tiny sizes with random weights (a fixed seed, so every run gets the same base)."""
+    with seeded(0), tempfile.TemporaryDirectory() as tmp:
+        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
+                                    out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+        vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+                                                    hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                                    num_hidden_layers=5, vocab_size=49408))
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        return StableDiffusionPipeline(vae, text_encoder, clip_tokenizer(tmp), unet, scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+
+def load_pipeline(args: Args, device: torch.device) -> StableDiffusionPipeline:
+    """The frozen base model with a DDIM scheduler; the same object in tiny and full mode."""
+    if args.tiny:
+        pipe = tiny_pipeline()
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval()
+    return pipe.to(device)
+
+
+def check_model_args(args: Args, pipe: StableDiffusionPipeline) -> None:
+    """Checks that need the model: the distilled layers exist, and the latent fits the UNet's downsampling."""
+    names = {name for name, _ in pipe.unet.named_modules()}
+    for layer in args.feat_layers.split(","):
+        if layer not in names:
+            raise UsageError(f"--feat-layers: the UNet has no module {layer!r}; try mid_block, up_blocks.0, ...")
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    if args.resolution % multiple:
+        raise UsageError(f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling: DDIM with classifier-free guidance; gradients only through the last K steps (DRaFT-K).
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Frozen text encoder -> (2B, 77, D) embeddings, [uncond; cond], the order diffusers' pipeline uses."""
+    cond, uncond = pipe.encode_prompt(prompts, pipe.device, 1, do_classifier_free_guidance=True)
+    return torch.cat([uncond, cond])
+
+
+def initial_latents(pipe: StableDiffusionPipeline, n: int, resolution: int, generator: torch.Generator):
+    """x_T ~ N(0, I), (n, 4, resolution/8, resolution/8) for SD. Drawn on the CPU so seeds mean the same on any device."""
+    side = resolution // pipe.vae_scale_factor
+    x = torch.randn((n, pipe.unet.config.in_channels, side, side), generator=generator)
+    return x.to(pipe.device, pipe.unet.dtype) * pipe.scheduler.init_noise_sigma
+
+
+def unet_eps(unet, x, t, text_emb, feat_layers=(), params=None):
+    """One UNet call on the CFG batch. x (B,4,h,w), text_emb (2B,77,D) -> eps (2B,4,h,w) for [uncond; cond], and
+    the outputs of the modules named in feat_layers (e.g. mid_block: (2B,C,h/2^d,w/2^d)). Features are returned,
+    not left in a hook's buffer, so that activation checkpointing recomputes them with the graph. `params`
+    (name -> tensor) replaces those parameters for this call only: that is how the EMA teacher runs."""
+    features = {}
+
+    def keep(name):
+        return lambda module, inputs, output: features.__setitem__(name, output[0] if isinstance(output, tuple) else output)
+
+    hooks = [unet.get_submodule(name).register_forward_hook(keep(name)) for name in feat_layers]
+    try:
+        inputs, kwargs = (torch.cat([x, x]), t), {"encoder_hidden_states": text_emb}
+        out = functional_call(unet, params, inputs, kwargs, strict=False) if params else unet(*inputs, **kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out.sample, [features[name] for name in feat_layers]
+
+
+def guide(eps: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance: (2B,...) [uncond; cond] -> eps_u + w (eps_c - eps_u), (B,...)."""
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + w * (eps_cond - eps_uncond)
+
+
+def distillation_losses(eps, feats, eps_teacher, feats_teacher):
+    """L_out = ||eps_S - eps_T||^2 and L_feat = mean over layers of ||h_S - h_T||^2 (each a mean over elements)."""
+    l_out = F.mse_loss(eps, eps_teacher)
+    l_feat = torch.stack([F.mse_loss(h, h_t) for h, h_t in zip(feats, feats_teacher)]).mean() if feats else 0 * l_out
+    return l_out, l_feat
+
+
+def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generator=None):
+    """DDIM from x_T (B,4,h,w) to x_0 latents. Steps 1..T-k run under no_grad, the last k with gradients, each UNet
+    call in non-reentrant activation checkpointing (reentrant checkpointing drops LoRA gradients). With a teacher
+    (name -> LoRA tensor), also returns L_out and L_feat averaged over the k gradient steps; the teacher sees the
+    same input as the student, detached."""
+    timesteps = pipe.scheduler.timesteps
+    layers = args.feat_layers.split(",") if args.lambda_feat > 0 else ()
+    losses = []
+    for i, t in enumerate(timesteps):
+        x_in = pipe.scheduler.scale_model_input(x, t)
+        if i < len(timesteps) - k:
+            with torch.no_grad():
+                eps, _ = unet_eps(pipe.unet, x_in, t, text_emb)
+        else:
+            eps, feats = checkpoint(unet_eps, pipe.unet, x_in, t, text_emb, layers, use_reentrant=False)
+            if teacher is not None:
+                with torch.no_grad():
+                    eps_t, feats_t = unet_eps(pipe.unet, x_in.detach(), t, text_emb, layers, params=teacher)
+                losses.append(distillation_losses(eps, feats, eps_t, feats_t))
+        x = pipe.scheduler.step(guide(eps, args.guidance_scale), t, x, eta=args.eta, generator=generator).prev_sample
+    l_out, l_feat = (torch.stack(terms).mean() for terms in zip(*losses)) if losses else (x.new_zeros(()),) * 2
+    return x, l_out, l_feat
+
+
+def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode, (B,4,h,w) latents -> (B,3,H,W) pixels mapped from [-1,1] to [0,1] (once, here). Not clamped:
+    a clamp would silently zero the gradient of saturated pixels."""
+    return vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], latents: torch.Tensor, args: Args) -> torch.Tensor:
+    """Images (B,3,H,W) in [0,1] for prompts and initial latents, no gradients (what diffusers' pipeline computes)."""
+    x0, _, _ = sample_latents(pipe, latents, encode_prompts(pipe, prompts), args, k=0)
+    return decode(pipe.vae, x0).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RID: the adapter group and the EMA teacher.
+
+def add_task_adapter(unet: UNet2DConditionModel, name: str, rank: int) -> dict[str, torch.nn.Parameter]:
+    """Add a fresh LoRA adapter (B = 0, so the model is unchanged), keep every adapter active, and make only the new
+    one trainable: earlier tasks' adapters stay frozen, bit for bit. Returns the trainable tensors by name (fp32)."""
+    with warnings.catch_warnings():  # PEFT warns that a second adapter is being added: that is the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS), adapter_name=name)
+    unet.set_adapters(list(unet.peft_config))  # PEFT makes every active adapter trainable: re-freeze below
+    trainable = {n: p for n, p in unet.named_parameters() if f".{name}." in n}
+    for n, p in unet.named_parameters():
+        p.requires_grad_(n in trainable)
+    for p in trainable.values():
+        p.data = p.data.float()
+    return trainable
+
+
+@torch.no_grad()
+def ema_update(teacher: dict[str, torch.Tensor], student: dict[str, torch.nn.Parameter], decay: float) -> None:
+    """theta_T <- mu * theta_T + (1 - mu) * theta_S, in place. lerp is exact at both ends (mu = 0 and mu = 1)."""
+    torch._foreach_lerp_(list(teacher.values()), [student[name] for name in teacher], 1 - decay)
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """All adapters as one diffusers-format LoRA. sum_i B_i A_i = [B_1 .. B_n] [A_1; ..; A_n], so stacking A along
+    the rank axis and B along its input axis gives one LoRA of rank sum r_i (scale 1, since every alpha = r)."""
+    states = [get_peft_model_state_dict(unet, adapter_name=name) for name in unet.peft_config]
+    stacked = {key: torch.cat([s[key] for s in states], dim=0 if ".lora_A." in key else 1) for key in states[0]}
+    return convert_state_dict_to_diffusers(stacked)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training.
+
+def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Generator) -> dict:
+    """Sample a batch with gradients through the last K steps, score it, and backpropagate
+    L = L_reward + lambda_out L_out + lambda_feat L_feat. Returns the step's metrics."""
+    batch = [prompts[i] for i in torch.randint(len(prompts), (args.batch_size,), generator=generator)]
+    k = int(torch.randint(1, args.k + 1, (), generator=generator)) if args.random_k else args.k  # once per batch
+    x_T = initial_latents(pipe, args.batch_size, args.resolution, generator)
+    x0, l_out, l_feat = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator)
+    images = checkpoint(decode, pipe.vae, x0, use_reentrant=False)                        # (B, 3, H, W)
+    rewards = scorer(images, batch)                                                       # (B,)
+    l_reward = -args.reward_scale * rewards.mean()
+    loss = l_reward + args.lambda_out * l_out + args.lambda_feat * l_feat
+    loss.backward()
+    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(), "loss": loss.item(),
+            "loss_reward": l_reward.item(), "loss_out": l_out.item(), "loss_feat": l_feat.item(), "k": k}
+
+
+def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, generator, log) -> None:
+    """Optimise one reward for --steps-per-task steps, updating the EMA teacher after every step."""
+    uses_teacher = args.lambda_out > 0 or args.lambda_feat > 0
+    teacher = {n: p.detach().clone() for n, p in params.items()} if uses_teacher else None  # starts as the student
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
+    bar = tqdm(range(args.steps_per_task), desc=f"task {task} ({name})", dynamic_ncols=True)
+    for step in bar:
+        start = time.perf_counter()
+        metrics = train_step(pipe, scorer, prompts, teacher, args, generator)
+        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if teacher is not None:
+            ema_update(teacher, params, args.ema_decay)
+        metrics = {"task": task, "reward": name, "step": step, "lr": optimizer.param_groups[0]["lr"], **metrics,
+                   "seconds": time.perf_counter() - start}
+        log.write(json.dumps(metrics) + "\n")
+        log.flush()
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task:
+            bar.write(f"task {task} {name} step {step + 1}/{args.steps_per_task}: reward {metrics['reward_mean']:.4g} "
+                      f"loss {metrics['loss']:.4g} (out {metrics['loss_out']:.3g}, feat {metrics['loss_feat']:.3g}) "
+                      f"grad {metrics['grad_norm']:.3g} {metrics['seconds']:.2f}s/step")
+
+
+def save_task(pipe, task_dir: Path, prompts: list[str], args: Args) -> None:
+    """The model after this task: one diffusers LoRA file (pytorch_lora_weights.safetensors) and a sample grid."""
+    StableDiffusionPipeline.save_lora_weights(task_dir, unet_lora_layers=lora_state_dict(pipe.unet))
+    grid_prompts = prompts[:4]
+    latents = initial_latents(pipe, len(grid_prompts), args.resolution, torch.Generator().manual_seed(args.seed))
+    save_image(generate(pipe, grid_prompts, latents, args), task_dir / "samples.png", nrow=len(grid_prompts))
+
+
+def main(args: Args) -> StableDiffusionPipeline:
+    """Train the reward sequence; returns the pipeline with the trained adapters."""
+    args = resolve(args)
+    check_args(args)
+    prompts = read_prompts(args.prompts)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe = load_pipeline(args, device)
+    check_model_args(args, pipe)
+    scorers = {name: load_reward(name, device, args.tiny) for name in dict.fromkeys(reward_names(args))}
+    pipe.scheduler.set_timesteps(args.num_steps, device=device)
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    if args.tiny:
+        pipe.save_pretrained(out / "base")  # so that diffusers and eval.py can load base + LoRA later
+    torch.manual_seed(args.seed)  # LoRA initialisation
+    generator = torch.Generator().manual_seed(args.seed)  # prompts, noise, K
+    with open(out / "metrics.jsonl", "w") as log:
+        for task, name in enumerate(reward_names(args), start=1):
+            if task == 1 or not args.shared_adapter:
+                params = add_task_adapter(pipe.unet, "shared" if args.shared_adapter else f"task{task}", args.lora_rank)
+            train_task(pipe, scorers[name], prompts, params, args, task, name, generator, log)
+            save_task(pipe, out / f"task{task}_{name}", prompts, args)
+    print(f"done: {out}")
+    return pipe
+
+
+if __name__ == "__main__":
+    (cli_args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
+    try:
+        main(cli_args)
+    except UsageError as error:
+        print(f"rid.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

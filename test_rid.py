@@ -1,0 +1,284 @@
+"""Tests that the method works, on tiny models built from code (CPU, offline)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+import rid
+from rewards import OPENAI_MEAN, OPENAI_STD, Aesthetic, TextImageCosine, clip_preprocess, load_aesthetic_mlp, \
+    load_hps_weights, load_reward, seeded, tiny_clip
+
+HERE = Path(__file__).parent
+
+
+def tiny_setup(steps=4, dtype=torch.float32, **overrides):
+    """A tiny pipeline with one LoRA adapter whose B is non-zero (so that A has a gradient too)."""
+    args = rid.resolve(rid.Args(tiny=True, num_steps=steps, resolution=16, batch_size=2, **overrides))
+    pipe = rid.load_pipeline(args, torch.device("cpu")).to(dtype=dtype)
+    pipe.scheduler.set_timesteps(steps)
+    with seeded(0):
+        params = rid.add_task_adapter(pipe.unet, "task1", rank=4)
+        for name, p in params.items():
+            p.data = (p.data + 0.1 * torch.randn_like(p)).to(dtype) if "lora_B" in name else p.data.to(dtype)
+    prompts = ["a photo of a cat", "a lighthouse"]
+    latents = rid.initial_latents(pipe, 2, args.resolution, torch.Generator().manual_seed(0))
+    return args, pipe, params, prompts, latents
+
+
+def reward_loss(pipe, args, prompts, latents, scorer, k, teacher=None):
+    x0, l_out, l_feat = rid.sample_latents(pipe, latents, rid.encode_prompts(pipe, prompts), args, k, teacher)
+    return -scorer(rid.decode(pipe.vae, x0), prompts).mean(), l_out, l_feat
+
+
+def grads(params, loss):
+    return torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+
+
+# ---------------------------------------------------------------------------------------------- truncation (DRaFT-K)
+
+def test_gradients_flow_only_through_the_last_k_steps():
+    args, pipe, params, prompts, latents = tiny_setup(steps=5)
+    scorer = load_reward("aesthetic", "cpu", tiny=True)
+    k = 2
+    calls_with_grad = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, i: calls_with_grad.append(torch.is_grad_enabled()))
+    loss, _, _ = reward_loss(pipe, args, prompts, latents, scorer, k)
+    hook.remove()
+    assert calls_with_grad == [False] * 3 + [True] * 2  # one UNet call per step (CFG batched), grads in the last K
+    truncated = grads(params, loss)
+
+    def full_backprop(detach_early):
+        """Reference: every step with autograd on; early steps see the LoRA tensors detached (or not)."""
+        emb, x = rid.encode_prompts(pipe, prompts), latents
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            frozen = {n: p.detach() for n, p in params.items()} if detach_early and i < 5 - k else None
+            eps, _ = rid.unet_eps(pipe.unet, x, t, emb, params=frozen)
+            x = pipe.scheduler.step(rid.guide(eps, args.guidance_scale), t, x).prev_sample
+        return grads(params, -scorer(rid.decode(pipe.vae, x), prompts).mean())
+
+    for g, g_ref in zip(truncated, full_backprop(detach_early=True)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-10)
+    # The early steps would contribute if they were not truncated: the reference can tell the difference.
+    difference = sum((g - g_full).abs().sum() for g, g_full in zip(truncated, full_backprop(detach_early=False)))
+    assert difference > 1e-3 * sum(g.abs().sum() for g in truncated)
+
+
+def test_reward_gradient_matches_finite_differences_in_float64():
+    args, pipe, params, prompts, latents = tiny_setup(steps=3, dtype=torch.float64)
+    scorer = load_reward("aesthetic", "cpu", tiny=True).double()
+    k = 3  # K = T: only then is the reward's gradient its exact derivative (with K < T it is truncated, see above)
+    loss, _, _ = reward_loss(pipe, args, prompts, latents, scorer, k)
+    with seeded(1):
+        direction = {n: torch.randn_like(p) for n, p in params.items()}
+    analytic = sum((g * direction[n]).sum() for n, g in zip(params, grads(params, loss)))
+
+    def loss_at(h):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(h * direction[n])
+            value = reward_loss(pipe, args, prompts, latents, scorer, k)[0]
+            for n, p in params.items():
+                p.sub_(h * direction[n])
+        return value
+
+    h = 1e-5
+    numeric = (loss_at(h) - loss_at(-h)) / (2 * h)
+    assert analytic.abs() > 1e-12
+    torch.testing.assert_close(analytic, numeric, rtol=1e-5, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- RID: EMA and distillation
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
+def test_ema_update_is_exact(decay):
+    student = {"a": torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0])), "b": torch.nn.Parameter(torch.tensor([0.25]))}
+    teacher = {"a": torch.tensor([5.0, 2.0, -1.0]), "b": torch.tensor([1.25])}
+    expected = {n: decay * teacher[n] + (1 - decay) * student[n].detach() for n in teacher}
+    rid.ema_update(teacher, student, decay)
+    for n in teacher:
+        assert torch.equal(teacher[n], expected[n])  # the values are exact in binary at these decays
+
+
+def test_distillation_is_zero_for_an_identical_teacher_and_positive_after_an_update():
+    args, pipe, params, prompts, latents = tiny_setup(steps=3)
+    scorer = load_reward("hps", "cpu", tiny=True)
+    teacher = {n: p.detach().clone() for n, p in params.items()}
+    generator = torch.Generator().manual_seed(0)
+    metrics = rid.train_step(pipe, scorer, prompts, teacher, args, generator)
+    assert metrics["loss_out"] == 0 and metrics["loss_feat"] == 0
+    assert all(not t.requires_grad and t.grad is None for t in teacher.values())  # the teacher gets no gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+    torch.optim.SGD(params.values(), lr=1.0).step()
+    metrics = rid.train_step(pipe, scorer, prompts, teacher, args, generator)
+    assert metrics["loss_out"] > 0 and metrics["loss_feat"] > 0
+    assert all(t.grad is None for t in teacher.values())
+
+
+def test_feature_distillation_gradients_survive_checkpoint_recomputation(monkeypatch):
+    args, pipe, params, prompts, latents = tiny_setup(steps=3)
+    teacher = {n: p.detach() + 0.05 for n, p in params.items()}
+    emb = rid.encode_prompts(pipe, prompts)
+    _, l_out, l_feat = rid.sample_latents(pipe, latents, emb, args, 2, teacher)
+    checkpointed = grads(params, l_out + l_feat)
+    monkeypatch.setattr(rid, "checkpoint", lambda fn, *a, use_reentrant: fn(*a))
+    _, l_out, l_feat = rid.sample_latents(pipe, latents, emb, args, 2, teacher)
+    for g, g_ref in zip(checkpointed, grads(params, l_out + l_feat)):
+        torch.testing.assert_close(g, g_ref)
+    assert l_feat > 0 and sum(g.abs().sum() for g in checkpointed) > 0
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+@pytest.mark.parametrize("name", list(rid.REWARDS))
+def test_tiny_rewards_are_differentiable_to_the_pixels(name):
+    scorer = load_reward(name, "cpu", tiny=True)
+    images = torch.rand(3, 3, 24, 32, requires_grad=True)
+    rewards = scorer(images, ["a cat", "a dog", "a boat"])
+    assert rewards.shape == (3,) and torch.isfinite(rewards).all()
+    rewards.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert all(not p.requires_grad for p in scorer.parameters())
+    assert torch.equal(rewards, load_reward(name, "cpu", tiny=True)(images, ["a cat", "a dog", "a boat"]))  # seeded
+
+
+def test_compressibility_prefers_smooth_images():
+    scorer = load_reward("compressibility", "cpu")
+    smooth = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32)
+    noise = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert scorer(smooth, [""]) > scorer(noise, [""]) + 10
+
+
+def test_clip_preprocess_resizes_the_longest_side_and_pads():
+    square = clip_preprocess(torch.rand(1, 3, 64, 64), 32)
+    wide = clip_preprocess(torch.zeros(1, 3, 16, 32), 32)
+    assert square.shape == wide.shape == (1, 3, 32, 32)
+    pad_value = (0 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
+    torch.testing.assert_close(wide[0, :, 0, 0], pad_value)  # zero pixels padded above the resized image
+
+
+def test_aesthetic_loader_reads_the_released_layout(tmp_path):
+    released = {f"layers.{i}.{kind}": torch.randn(shape if kind == "weight" else shape[:1])
+                for i, shape in {0: (1024, 768), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}.items()
+                for kind in ("weight", "bias")}
+    torch.save(released, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    scorer = load_aesthetic_mlp(Aesthetic(tiny_clip(), dim=768), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    assert all(torch.equal(scorer.state_dict()[key], value) for key, value in released.items())
+    with pytest.raises(RuntimeError):
+        load_aesthetic_mlp(Aesthetic(tiny_clip(), dim=16), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+
+
+def test_hps_loader_reads_the_released_layout(tmp_path):
+    with seeded(7):
+        trained = tiny_clip()
+    torch.save({"state_dict": trained.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
+    scorer = TextImageCosine(load_hps_weights(tiny_clip(), tmp_path / "HPS_v2.1_compressed.pt"),
+                             rid.open_clip.get_tokenizer("ViT-H-14"))
+    images = torch.rand(2, 3, 32, 32)
+    expected = TextImageCosine(trained, rid.open_clip.get_tokenizer("ViT-H-14"))(images, ["a", "b"])
+    torch.testing.assert_close(scorer(images, ["a", "b"]), expected)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+EVAL_PROMPTS = rid.DEFAULT_PROMPTS[-6:]  # prompts the grid does not show
+
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])
+def run(request, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"run{request.param}")
+    args = rid.Args(tiny=True, rewards="aesthetic,hps", out_dir=str(out), seed=request.param)
+    return rid.resolve(args), rid.main(args), out
+
+
+def diffusers_images(pipe, args, latents):
+    """Images from diffusers' own pipeline call: an independent check of our sampler and of the saved files."""
+    return pipe(EVAL_PROMPTS, latents=latents, num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale,
+                eta=args.eta, output_type="pt").images
+
+
+def test_run_writes_its_outputs(run):
+    args, _, out = run
+    assert json.loads((out / "config.json").read_text())["rewards"] == "aesthetic,hps"
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 * args.steps_per_task
+    assert {"reward_mean", "reward_std", "loss", "loss_reward", "loss_out", "loss_feat", "lr", "seconds"} <= set(lines[0])
+    for task_dir in ("task1_aesthetic", "task2_hps"):
+        assert (out / task_dir / "pytorch_lora_weights.safetensors").is_file()
+        assert (out / task_dir / "samples.png").stat().st_size > 0
+    assert (out / "base" / "model_index.json").is_file()
+
+
+def test_saved_loras_reproduce_the_trained_model_and_the_rewards_rise(run):
+    args, trained, out = run
+    base = StableDiffusionPipeline.from_pretrained(out / "base")
+    latents = rid.initial_latents(base, len(EVAL_PROMPTS), args.resolution, torch.Generator().manual_seed(99))
+    aesthetic, hps = (load_reward(name, "cpu", tiny=True) for name in ("aesthetic", "hps"))
+    score = {"base": diffusers_images(base, args, latents)}
+    trained.scheduler.set_timesteps(args.num_steps)
+    for task, adapters in (("task1_aesthetic", ["task1"]), ("task2_hps", ["task1", "task2"])):
+        base.load_lora_weights(out / task)
+        trained.unet.set_adapters(adapters)  # the in-memory model as it was after this task
+        score[task] = diffusers_images(base, args, latents)
+        # 1e-4: float32 rounding (the stacked LoRA is one matmul where the trained model sums one per adapter);
+        # one 8-bit grey level is 4e-3.
+        torch.testing.assert_close(score[task], rid.generate(trained, EVAL_PROMPTS, latents, args), atol=1e-4, rtol=0)
+        base.unload_lora_weights()
+    with torch.no_grad():
+        rise_aesthetic = (aesthetic(score["task1_aesthetic"], EVAL_PROMPTS) - aesthetic(score["base"], EVAL_PROMPTS))
+        rise_hps = (hps(score["task2_hps"], EVAL_PROMPTS) - hps(score["task1_aesthetic"], EVAL_PROMPTS))
+    # Margins: about a third of the smallest rise measured over seeds 0-4 (README, "Tiny mode").
+    assert rise_aesthetic.mean() > 1e-3, rise_aesthetic
+    assert rise_hps.mean() > 1e-2, rise_hps
+
+
+def test_earlier_adapter_is_bit_identical_after_the_next_task(run):
+    _, trained, out = run
+    saved = load_file(out / "task1_aesthetic" / "pytorch_lora_weights.safetensors")
+    now = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained.unet, adapter_name="task1"))
+    assert len(now) == len(saved) > 0
+    assert all(torch.equal(saved[f"unet.{key}"], value) for key, value in now.items())
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+BAD_INPUTS = {
+    "unknown reward": (["--rewards", "aesthetic,beauty"], "known rewards: aesthetic, hps, clip, compressibility"),
+    "k zero": (["--k", "0"], "--k must be between 1 and --num-steps"),
+    "k above T": (["--k", "11", "--num-steps", "10"], "--k must be between 1 and --num-steps (10)"),
+    "missing prompts": (["--prompts", "no/such/file.txt"], "no such file"),
+    "empty prompts": (["--prompts", "{empty}"], "holds no prompt"),
+    "zero steps": (["--steps-per-task", "0"], "--steps-per-task must be a positive integer"),
+    "negative batch": (["--batch-size", "-2"], "--batch-size must be a positive integer"),
+    "ema above one": (["--ema-decay", "1.5"], "--ema-decay must be in [0, 1]"),
+    "out-dir is a file": (["--out-dir", "{file}"], "is a file"),
+}
+
+
+def test_bad_input_gives_one_line_and_exit_status_2(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "a_file").write_text("not a directory")
+    procs = {}
+    for case, (flags, _) in BAD_INPUTS.items():
+        flags = [f.format(empty=tmp_path / "empty.txt", file=tmp_path / "a_file") for f in flags]
+        out_dir = [] if "--out-dir" in flags else ["--out-dir", str(tmp_path / case.replace(" ", "_"))]
+        procs[case] = subprocess.Popen([sys.executable, str(HERE / "rid.py"), "--tiny", *out_dir, *flags],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for case, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (case, stderr)
+        assert len(stderr.strip().splitlines()) == 1, (case, stderr)
+        assert BAD_INPUTS[case][1] in stderr, (case, stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty.txt"]  # nothing written
+
+
+def test_refuses_to_overwrite_a_run(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(rid.UsageError, match="already holds a run"):
+        rid.main(rid.Args(tiny=True, out_dir=str(tmp_path)))
