@@ -233,7 +233,7 @@ def test_saved_loras_reproduce_the_trained_model_and_the_rewards_rise(run):
     with torch.no_grad():
         rise_aesthetic = (aesthetic(score["task1_aesthetic"], EVAL_PROMPTS) - aesthetic(score["base"], EVAL_PROMPTS))
         rise_hps = (hps(score["task2_hps"], EVAL_PROMPTS) - hps(score["task1_aesthetic"], EVAL_PROMPTS))
-    # Margins: about a third of the smallest rise measured over seeds 0-4 (README, "Tiny mode").
+    # Margins: under half of the smallest rise measured over seeds 0-4, 0.0031 and 0.025 (README, "Tiny mode").
     assert rise_aesthetic.mean() > 1e-3, rise_aesthetic
     assert rise_hps.mean() > 1e-2, rise_hps
 
