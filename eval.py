@@ -9,7 +9,7 @@ and seeds, the same x_T for every row, and score each image with every reward j 
     F_j      = max_{t_j <= i < N} R[i][j] - R[N][j],  t_j = the task that learned reward j          forgetting
     drift_i  = mean SSIM(images of row i, base images), same prompt and seed; 1 = same structure  structure_drift
 
-Rewards have very different scales (compressibility is about -30, a tiny aesthetic score about 0.01), so every
+Rewards have very different scales (compressibility is about -37, a tiny aesthetic score about 0.08), so every
 number is also given in base standard deviations (G), where averages over rewards mean something.
 
     python eval.py runs/tiny                          # writes eval.json, eval.md, eval_rewards.png, eval_grid.png
@@ -21,17 +21,14 @@ import statistics
 import sys
 from pathlib import Path
 
-import matplotlib
 import torch
+from matplotlib.figure import Figure
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 import rid
-from rewards import load_reward
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot is imported)
+from rewards import REWARDS, load_reward
 
 # Held out: none of these is among rid.py's training prompts.
 EVAL_PROMPTS = [
@@ -73,18 +70,20 @@ def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     return args, tasks
 
 
-def eval_prompts(opts: argparse.Namespace) -> list[str]:
-    prompts = rid.read_prompts(opts.prompts) if opts.prompts else EVAL_PROMPTS
-    if opts.num_prompts is not None and opts.num_prompts <= 0:
-        raise rid.UsageError(f"--num-prompts must be a positive integer, got {opts.num_prompts}")
-    return prompts[:opts.num_prompts]
-
-
-def parse_seeds(text: str) -> list[int]:
+def eval_settings(opts: argparse.Namespace) -> tuple[list[str], list[int], list[str]]:
+    """The eval prompts, seeds and extra rewards from the flags, checked before any work starts."""
+    if opts.num_prompts is not None and opts.num_prompts <= 0 or opts.batch_size <= 0:
+        raise rid.UsageError("--num-prompts and --batch-size must be positive integers")
+    prompts = (rid.read_prompts(opts.prompts) if opts.prompts else EVAL_PROMPTS)[:opts.num_prompts]
     try:
-        return [int(seed) for seed in text.split(",")]
+        seeds = [int(seed) for seed in opts.seeds.split(",")]
     except ValueError:
-        raise rid.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {text!r}") from None
+        raise rid.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {opts.seeds!r}") from None
+    extra = [name.strip() for name in opts.extra_rewards.split(",") if name.strip()]
+    unknown = [name for name in extra if name not in REWARDS]
+    if unknown:
+        raise rid.UsageError(f"--extra-rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
+    return prompts, seeds, extra
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +233,8 @@ def report_markdown(result: dict) -> str:
 def plot(result: dict, path: Path) -> None:
     """Left: G[i][j] per reward across the sequence (forgetting shows as a fall after the reward's own task).
     Right: SSIM to the base images across the sequence."""
-    fig, (ax_gain, ax_ssim) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4), layout="tight")  # no pyplot: no global figure state, no display backend
+    ax_gain, ax_ssim = fig.subplots(1, 2)
     x = range(len(result["rows"]))
     for j, name in enumerate(result["rewards"]):
         ax_gain.plot(x, [row[j] for row in result["gain_in_base_std"]], marker="o", label=name)
@@ -247,9 +247,7 @@ def plot(result: dict, path: Path) -> None:
     for ax in (ax_gain, ax_ssim):
         ax.set_xticks(list(x), result["rows"], rotation=20)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def save_grid(rows: torch.Tensor, path: Path) -> None:
@@ -257,12 +255,11 @@ def save_grid(rows: torch.Tensor, path: Path) -> None:
     save_image(make_grid(rows.transpose(0, 1).flatten(0, 1), nrow=rows.shape[0], padding=2, pad_value=1.0), path)
 
 
-def evaluate(run: Path, opts: argparse.Namespace) -> dict:
+def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], opts: argparse.Namespace) -> dict:
     """Generate, score and report one run; writes eval.json, eval.md, eval_rewards.png and eval_grid.png into it."""
     args, tasks = load_run(run)
-    prompts, seeds = eval_prompts(opts), parse_seeds(opts.seeds)
     task_rewards = rid.reward_names(args)
-    columns = list(dict.fromkeys(task_rewards + [n.strip() for n in opts.extra_rewards.split(",") if n.strip()]))
+    columns = list(dict.fromkeys(task_rewards + extra))
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = rid.load_pipeline(args, device, run / "base" if args.tiny else None)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
@@ -321,8 +318,11 @@ def main(argv=None) -> None:
     if opts.compare:
         print(compare(runs))
         return
+    prompts, seeds, extra = eval_settings(opts)
     for run in runs:
-        evaluate(run, opts)
+        load_run(run)  # refuse an incomplete run before evaluating any
+    for run in runs:
+        evaluate(run, prompts, seeds, extra, opts)
 
 
 if __name__ == "__main__":
