@@ -175,12 +175,14 @@ def tiny_pipeline() -> StableDiffusionPipeline:
                                        feature_extractor=None, requires_safety_checker=False)
 
 
-def load_pipeline(args: Args, device: torch.device) -> StableDiffusionPipeline:
-    """The frozen base model with a DDIM scheduler; the same object in tiny and full mode."""
-    if args.tiny:
+def load_pipeline(args: Args, device: torch.device, path: str | Path | None = None) -> StableDiffusionPipeline:
+    """The frozen base model with a DDIM scheduler; the same object in tiny and full mode. `path` loads a saved
+    pipeline instead of building or downloading one (eval.py reloads a tiny run's base/ this way)."""
+    if args.tiny and path is None:
         pipe = tiny_pipeline()
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(path or args.model, safety_checker=None,
+                                                       requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):

@@ -282,3 +282,91 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(rid.UsageError, match="already holds a run"):
         rid.main(rid.Args(tiny=True, out_dir=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------- eval.py
+
+# Imported here, not at the top, so that eval.py's tests stay in one section.
+import eval as evaluation  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def test_forgetting_and_averages_on_hand_made_matrices():
+    columns, task_rewards = ["a", "b", "c", "extra"], ["a", "b", "c"]
+    matrix = torch.tensor([[0.0, 20.0, 5.0, 3.0],    # base
+                           [2.0, 10.0, 5.0, 1.0],    # after task 1 (a)
+                           [1.0, 12.0, 6.0, 2.0],    # after task 2 (b)
+                           [0.5, 11.0, 7.0, 0.0]])   # after task 3 (c)
+    learned = evaluation.learned_at(columns, task_rewards)
+    assert learned == [1, 2, 3, 0] and evaluation.learned_at(["a", "b"], ["a", "b", "a"]) == [1, 2]
+    # a: max(2, 1) - 0.5; b: only rows from its own task count (12 - 11, not the base's 20 - 11); c: learned last,
+    # nothing to forget; extra (never trained): every row before N counts, base included.
+    assert evaluation.forgetting(matrix, learned) == [1.5, 1.0, None, 3.0]
+    assert evaluation.forgetting(matrix[:1], [0]) == [None]  # no task at all
+    assert evaluation.final_average(matrix, columns, task_rewards) == pytest.approx((0.5 + 11 + 7) / 3)
+    assert evaluation.mean_defined([1.5, 1.0, None]) == 1.25 and evaluation.mean_defined([None]) is None
+    scores = torch.tensor([[[1.0], [3.0]], [[4.0], [4.0]]])  # (rows, images, rewards): base mean 2, std sqrt(2)
+    torch.testing.assert_close(evaluation.gain_in_base_std(scores), torch.tensor([[0.0], [2 ** 0.5]]))
+
+
+def test_structure_drift_of_identical_images_is_perfect():
+    base = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    noisy = (base + 0.3 * torch.rand(base.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    drift = evaluation.structure_drift(torch.stack([base, base.clone(), noisy]))
+    assert drift[0] == drift[1] == 1 and drift[2] < 0.95
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """A 2-task tiny run (tiny settings), evaluated with 2 prompts x 2 seeds and one extra reward."""
+    out = tmp_path_factory.mktemp("eval_run")
+    rid.main(rid.Args(tiny=True, rewards="compressibility,aesthetic", steps_per_task=2, num_steps=4, resolution=16,
+                      out_dir=str(out)))
+    evaluation.main([str(out), "--num-prompts", "2", "--seeds", "0,1", "--extra-rewards", "hps"])
+    return out
+
+
+def test_eval_writes_every_output_with_its_shapes(evaluated_run):
+    out = evaluated_run
+    result = json.loads((out / "eval.json").read_text())
+    n_tasks, columns = 2, ["compressibility", "aesthetic", "hps"]
+    assert result["rewards"] == columns and result["rows"] == ["base", "task1 compressibility", "task2 aesthetic"]
+    assert torch.tensor(result["reward_matrix"]).shape == torch.tensor(result["gain_in_base_std"]).shape \
+        == (n_tasks + 1, len(columns))
+    assert result["gain_in_base_std"][0] == [0.0] * len(columns) and result["structure_drift_ssim"][0] == 1
+    assert len(result["structure_drift_ssim"]) == n_tasks + 1 and result["learned_at"] == [1, 2, 0]
+    assert result["forgetting"][1] is None and result["forgetting"][0] is not None  # aesthetic was learned last
+    assert result["cost"]["task2_aesthetic"]["steps"] == 2
+    assert "## Reward matrix" in (out / "eval.md").read_text()
+    assert Image.open(out / "eval_rewards.png").size[0] > 0
+    # Grid: a row per prompt/seed (2 x 2), a column per model (3), 16 px images with 2 px padding.
+    assert Image.open(out / "eval_grid.png").size == (3 * 18 + 2, 4 * 18 + 2)
+    # The base row is the base model's images from each seed's x_T, independently regenerated and scored.
+    args = rid.resolve(rid.Args(**json.loads((out / "config.json").read_text())))
+    base = rid.load_pipeline(args, torch.device("cpu"), out / "base")
+    base.scheduler.set_timesteps(args.num_steps)
+    prompts = evaluation.EVAL_PROMPTS[:2]
+    latents = torch.cat([rid.initial_latents(base, 2, 16, torch.Generator().manual_seed(s)) for s in (0, 1)])
+    with torch.no_grad():
+        expected = load_reward("compressibility", "cpu")(rid.generate(base, prompts * 2, latents, args), prompts * 2)
+    assert result["reward_matrix"][0][0] == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
+def test_eval_compare_and_errors_through_the_command_line(evaluated_run, tmp_path):
+    script = [sys.executable, str(HERE / "eval.py")]
+    compare = subprocess.Popen([*script, "--compare", str(evaluated_run), str(evaluated_run)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    missing = subprocess.Popen([*script, str(tmp_path / "no_run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    stdout, stderr = compare.communicate(timeout=120)
+    assert compare.returncode == 0, stderr
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 2 + 2 + 1 and "final avg reward" in lines[0] and "hps (final)" in lines[0]
+    assert lines[-1].startswith("| mean ± std over 2 runs")
+    stdout, stderr = missing.communicate(timeout=120)
+    assert missing.returncode == 2 and len(stderr.strip().splitlines()) == 1 and "no config.json" in stderr
+    (tmp_path / "config.json").write_text((evaluated_run / "config.json").read_text())  # no task LoRA files
+    with pytest.raises(rid.UsageError, match="incomplete run, task1_compressibility"):
+        evaluation.load_run(tmp_path)
+    with pytest.raises(rid.UsageError, match="no eval.json; run `python eval.py"):
+        evaluation.compare([tmp_path])
