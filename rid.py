@@ -65,7 +65,7 @@ DEFAULT_PROMPTS = [
 class Args:
     rewards: str = field(default="aesthetic,hps", metadata={"help": f"task order, comma-separated; known: {', '.join(REWARDS)}"})
     tiny: bool = field(default=False, metadata={"help": "tiny random models built from code (CPU, no download)"})
-    out_dir: str = field(default="runs/rid", metadata={"help": "output directory (must not hold a run, unless --resume)"})
+    out_dir: str = field(default="runs/rid", metadata={"help": "output directory (holds no run yet, unless --resume)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out-dir from its last checkpoint"})
     checkpoint_every: int = field(default=50, metadata={"help": "write OUT/checkpoint.pt every this many steps "
                                                                  "(and at each task end)"})
@@ -219,7 +219,8 @@ def load_pipeline(args: Args, device: torch.device) -> StableDiffusionPipeline:
     else:
         with fetching(f"--model {args.model}", f"pre-download it with `hf download {args.model}` on a machine with "
                       "network access, or pass a local diffusers directory with --model PATH"):
-            pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
+            pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None,
+                                                           requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -568,8 +569,9 @@ def main(args: Args) -> StableDiffusionPipeline:
     progress = Progress(out, torch.Generator().manual_seed(args.seed))  # prompts, noise, K
     if checkpoint is not None:
         restore(pipe.unet, args, progress, checkpoint)
-    if args.resume:
-        print(f"resuming {out} from {progress.saved_at}", file=sys.stderr)
+        print(f"resuming {out} at {progress.saved_at}", file=sys.stderr)
+    elif args.resume:
+        print(f"resuming {out}: it stopped before its first checkpoint, so it restarts from the top", file=sys.stderr)
     keep_lines(out / "metrics.jsonl", progress.lines)
     first_task = checkpoint["task"] if checkpoint else 1
     with open(out / "metrics.jsonl", "a") as progress.log:
