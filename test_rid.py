@@ -361,7 +361,7 @@ def nan_on_calls(bad_calls):
 
 
 def small_args(out, **overrides):
-    return rid.Args(**{**dict(tiny=True, rewards="compressibility", steps_per_task=4, num_steps=2, resolution=16,
+    return rid.Args(**{**dict(tiny=True, rewards="aesthetic", steps_per_task=4, num_steps=2, resolution=16,
                               checkpoint_every=2, out_dir=str(out)), **overrides})
 
 
@@ -385,7 +385,7 @@ def test_consecutive_nan_steps_stop_the_run_with_the_last_good_checkpoint_intact
 
 def test_resume_with_another_configuration_is_refused_naming_the_fields(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(rid.resolve(small_args(tmp_path)))))
-    with pytest.raises(rid.UsageError, match=r"configuration: --k \(1 -> 2\), --rewards \('compressibility' -> 'hps'"):
+    with pytest.raises(rid.UsageError, match=r"configuration: --k \(1 -> 2\), --rewards \('aesthetic' -> 'hps'"):
         rid.main(small_args(tmp_path, rewards="hps", k=2, log_every=1, resume=True))  # log_every may differ
     with pytest.raises(rid.UsageError, match="holds no run"):
         rid.main(small_args(tmp_path / "empty", resume=True))
