@@ -18,6 +18,7 @@ Where the real weights come from:
 """
 import contextlib
 import functools
+import logging
 from pathlib import Path
 
 import open_clip
@@ -139,10 +140,32 @@ def tiny_clip() -> nn.Module:
                           output_dict=True)
 
 
+class MissingWeights(Exception):
+    """Weights that are neither cached nor downloadable (offline, or a wrong name): one line saying how to get them."""
+
+
+@contextlib.contextmanager
+def fetching(what: str, how: str, errors: tuple = (OSError, ValueError)):
+    """Turn a failed download or a missing file inside the block into a one-line MissingWeights naming `what` and
+    saying `how` to get it. The libraries' loggers report such a failure over several lines (and open_clip again
+    before re-raising), so logging is muted while fetching: the user gets one message, ours."""
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    except errors as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MissingWeights(f"cannot load {what} ({reason[:200]}); {how}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 @functools.cache
 def openai_vit_l14() -> nn.Module:
     """OpenAI CLIP ViT-L/14 (768-d embedding), loaded once for both `aesthetic` and `clip`."""
-    return open_clip.create_model("ViT-L-14", pretrained="openai")
+    with fetching("OpenAI CLIP ViT-L/14 (open_clip ViT-L-14, pretrained='openai')",
+                  "pre-download it with `hf download timm/vit_large_patch14_clip_224.openai` on a machine with network "
+                  "access", errors=(OSError, RuntimeError)):  # open_clip re-raises download errors as RuntimeError
+        return open_clip.create_model("ViT-L-14", pretrained="openai")
 
 
 def load_aesthetic_mlp(scorer: Aesthetic, path) -> Aesthetic:
@@ -163,8 +186,9 @@ def cached_download(url: str) -> Path:
     """Download `url` once into torch.hub's checkpoint cache; return the local path."""
     path = Path(torch.hub.get_dir(), "checkpoints", url.rsplit("/", 1)[-1])
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(url, str(path))
+        with fetching(url, f"download it on a machine with network access and copy it to {path}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path))  # writes a temporary file, then renames it
     return path
 
 
@@ -179,8 +203,10 @@ def hps(tiny: bool) -> nn.Module:
     if tiny:
         with seeded(2):
             return TextImageCosine(tiny_clip(), open_clip.get_tokenizer("ViT-H-14"))
+    with fetching(f"{HPS_FILE} from hub repo {HPS_REPO}", f"pre-download it with `hf download {HPS_REPO} {HPS_FILE}`"):
+        path = hf_hub_download(HPS_REPO, HPS_FILE)  # before building ViT-H-14, so that a missing file fails at once
     clip = open_clip.create_model("ViT-H-14", pretrained=None)
-    return TextImageCosine(load_hps_weights(clip, hf_hub_download(HPS_REPO, HPS_FILE)), open_clip.get_tokenizer("ViT-H-14"))
+    return TextImageCosine(load_hps_weights(clip, path), open_clip.get_tokenizer("ViT-H-14"))
 
 
 def clip_score(tiny: bool) -> nn.Module:

@@ -21,14 +21,20 @@ terms, the EMA schedule, which features are distilled) is our reading, with ever
     python rid.py --tiny --rewards aesthetic,hps        # tiny random models, CPU, about a minute
     python rid.py --rewards aesthetic,hps               # Stable Diffusion v1.5 on a GPU
 """
+import contextlib
 import dataclasses
 import json
+import math
+import os
+import pickle
+import shutil
 import sys
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import open_clip
 import torch
@@ -42,7 +48,7 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, HfArgumentParser
 
-from rewards import REWARDS, load_reward, seeded
+from rewards import REWARDS, MissingWeights, fetching, load_reward, seeded
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -59,7 +65,12 @@ DEFAULT_PROMPTS = [
 class Args:
     rewards: str = field(default="aesthetic,hps", metadata={"help": f"task order, comma-separated; known: {', '.join(REWARDS)}"})
     tiny: bool = field(default=False, metadata={"help": "tiny random models built from code (CPU, no download)"})
-    out_dir: str = field(default="runs/rid", metadata={"help": "output directory (must not hold a run already)"})
+    out_dir: str = field(default="runs/rid", metadata={"help": "output directory (holds no run yet, unless --resume)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out-dir from its last checkpoint"})
+    checkpoint_every: int = field(default=50, metadata={"help": "write OUT/checkpoint.pt every this many steps "
+                                                                 "(and at each task end)"})
+    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive steps with a "
+                                                            "non-finite loss or gradient (each one is skipped)"})
     model: str = field(default=SD15, metadata={"help": "diffusers Stable Diffusion checkpoint (hub id or local path)"})
     prompts: str | None = field(default=None, metadata={"help": "text file, one prompt a line (default: built-in set)"})
     steps_per_task: int | None = field(default=None, metadata={"help": "optimizer steps per reward [full 500, tiny 20]"})
@@ -98,8 +109,17 @@ MODE_DEFAULTS = {
 }
 
 
+# Fields that may change when a run is resumed: they do not change what is computed (device: not on CPU).
+RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "device", "checkpoint_every", "max_bad_steps")
+CHECKPOINT = "checkpoint.pt"
+
+
 class UsageError(ValueError):
     """Bad input: printed as one line on stderr, exit status 2, before anything is written."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (too many non-finite steps): one line on stderr, exit status 3, checkpoint intact."""
 
 
 def resolve(args: Args) -> Args:
@@ -128,7 +148,8 @@ def check_args(args: Args) -> None:
     unknown = [name for name in reward_names(args) if name not in REWARDS]
     if unknown:
         raise UsageError(f"--rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
-    for name in ("steps_per_task", "num_steps", "batch_size", "resolution", "lora_rank", "log_every"):
+    for name in ("steps_per_task", "num_steps", "batch_size", "resolution", "lora_rank", "log_every",
+                 "checkpoint_every", "max_bad_steps"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if not 1 <= args.k <= args.num_steps:
@@ -140,8 +161,24 @@ def check_args(args: Args) -> None:
     out = Path(args.out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} is a file; give a directory path")
-    if (out / "config.json").exists():
-        raise UsageError(f"--out-dir {out} already holds a run; choose another directory or delete it")
+    if args.resume:
+        check_resume_config(args, out)
+    elif (out / "config.json").exists():
+        raise UsageError(f"--out-dir {out} already holds a run; add --resume to continue it, or choose another "
+                         "directory")
+
+
+def check_resume_config(args: Args, out: Path) -> None:
+    """--resume continues a run only with the configuration it was started with (up to RESUME_MAY_DIFFER)."""
+    if not (out / "config.json").is_file():
+        raise UsageError(f"--resume: --out-dir {out} holds no run (no config.json); drop --resume to start one")
+    saved, now = json.loads((out / "config.json").read_text()), dataclasses.asdict(args)
+    differing = [key for key in sorted(saved.keys() | now.keys())
+                 if key not in RESUME_MAY_DIFFER and saved.get(key) != now.get(key)]
+    if differing:
+        changes = ", ".join(f"--{key.replace('_', '-')} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing)
+        raise UsageError(f"--resume: the run in {out} was started with another configuration: {changes}; rerun with "
+                         "its flags (see config.json) or choose another --out-dir")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,8 +218,10 @@ def load_pipeline(args: Args, device: torch.device, path: str | Path | None = No
     if args.tiny and path is None:
         pipe = tiny_pipeline()
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(path or args.model, safety_checker=None,
-                                                       requires_safety_checker=False)
+        source = path or args.model
+        with fetching(f"--model {source}", f"pre-download it with `hf download {source}` on a machine with "
+                      "network access, or pass a local diffusers directory with --model PATH"):
+            pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -340,25 +379,57 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
             "loss_reward": l_reward.item(), "loss_out": l_out.item(), "loss_feat": l_feat.item(), "k": k}
 
 
-def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, generator, log) -> None:
-    """Optimise one reward for --steps-per-task steps, updating the EMA teacher after every step."""
+def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA tensors of this task: a fresh adapter, unless it exists (the shared adapter after task 1,
+    or an adapter rebuilt from a checkpoint, which is then the last one added and so the trainable one)."""
+    name = "shared" if args.shared_adapter else f"task{task}"
+    if name in getattr(unet, "peft_config", {}):
+        return {n: p for n, p in unet.named_parameters() if f".{name}." in n}
+    return add_task_adapter(unet, name, args.lora_rank)
+
+
+def is_finite(*values: float) -> bool:
+    return all(math.isfinite(value) for value in values)
+
+
+def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, progress, resume=None) -> None:
+    """Optimise one reward for --steps-per-task steps, updating the EMA teacher after every step. A step whose loss or
+    gradient is not finite is skipped (no update), logged and warned about. `resume`: a checkpoint taken inside this
+    task, whose step, optimizer and teacher are restored (the model and generators already are)."""
     uses_teacher = args.lambda_out > 0 or args.lambda_feat > 0
     teacher = {n: p.detach().clone() for n, p in params.items()} if uses_teacher else None  # starts as the student
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
-    bar = tqdm(range(args.steps_per_task), desc=f"task {task} ({name})", dynamic_ncols=True)
+    first = 0
+    if resume is not None:
+        first, teacher = resume["step"], resume["teacher"]
+        optimizer.load_state_dict(resume["optimizer"])
+    bar = tqdm(range(first, args.steps_per_task), desc=f"task {task} ({name})", initial=first,
+               total=args.steps_per_task, dynamic_ncols=True)
     for step in bar:
         start = time.perf_counter()
-        metrics = train_step(pipe, scorer, prompts, teacher, args, generator)
+        metrics = train_step(pipe, scorer, prompts, teacher, args, progress.generator)
         metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip).item()
-        optimizer.step()
+        metrics["skipped"] = not is_finite(metrics["loss"], metrics["grad_norm"])
+        if metrics["skipped"]:  # one NaN would poison the LoRA, AdamW's moments and the teacher for good
+            progress.bad_streak += 1
+            tqdm.write(f"warning: task {task} step {step}: loss {metrics['loss']}, gradient norm "
+                       f"{metrics['grad_norm']}; update skipped ({progress.bad_streak} in a row)", file=sys.stderr)
+        else:
+            progress.bad_streak = 0
+            optimizer.step()
+            if teacher is not None:
+                ema_update(teacher, params, args.ema_decay)
         optimizer.zero_grad(set_to_none=True)
-        if teacher is not None:
-            ema_update(teacher, params, args.ema_decay)
         metrics = {"task": task, "reward": name, "step": step, "lr": optimizer.param_groups[0]["lr"], **metrics,
                    "seconds": time.perf_counter() - start}
-        log.write(json.dumps(metrics) + "\n")
-        log.flush()
+        progress.log_line(json.dumps(metrics))
         bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
+        if progress.bad_streak >= args.max_bad_steps:
+            raise TrainingStopped(f"task {task} step {step}: {progress.bad_streak} steps in a row had a non-finite "
+                                  f"loss or gradient (--max-bad-steps {args.max_bad_steps}); stopped. The last good "
+                                  f"checkpoint ({progress.saved_at}) is intact in {progress.out / CHECKPOINT}")
+        if (step + 1) % args.checkpoint_every == 0:
+            save_checkpoint(pipe.unet, progress, task, step + 1, optimizer, teacher)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task:
             bar.write(f"task {task} {name} step {step + 1}/{args.steps_per_task}: reward {metrics['reward_mean']:.4g} "
                       f"loss {metrics['loss']:.4g} (out {metrics['loss_out']:.3g}, feat {metrics['loss_feat']:.3g}) "
@@ -367,36 +438,152 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
 
 def save_task(pipe, task_dir: Path, prompts: list[str], args: Args) -> None:
     """The model after this task: one diffusers LoRA file (pytorch_lora_weights.safetensors) and a sample grid."""
-    StableDiffusionPipeline.save_lora_weights(task_dir, unet_lora_layers=lora_state_dict(pipe.unet))
     grid_prompts = prompts[:4]
     latents = initial_latents(pipe, len(grid_prompts), args.resolution, torch.Generator().manual_seed(args.seed))
-    save_image(generate(pipe, grid_prompts, latents, args), task_dir / "samples.png", nrow=len(grid_prompts))
+    with atomic_dir(task_dir) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(pipe.unet))
+        save_image(generate(pipe, grid_prompts, latents, args), tmp / "samples.png", nrow=len(grid_prompts))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and resuming. A kill at any moment (SIGKILL included) must leave every file either complete or absent,
+# and --resume must continue exactly where the last checkpoint was taken: same tensors, same random streams.
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(file) on a temporary file next to `path`, flush it to disk, then rename it over `path`: the rename
+    is atomic, so `path` always holds either the old or the new content. RID_TEST_PAUSE_BEFORE_RENAME (seconds) holds
+    the finished temporary file back, so that a test can kill the process in the middle of a checkpoint write."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    time.sleep(float(os.environ.get("RID_TEST_PAUSE_BEFORE_RENAME", 0)))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path):
+    """Yield a temporary sibling directory to fill; it takes the name `path` only once complete. A kill between
+    removing an old `path` and the rename leaves no directory, never a half one; the checkpoint taken before it was
+    written lets --resume write it again."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    for file in tmp.rglob("*"):
+        if file.is_file():
+            fsync_file(file)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Progress:
+    """Run state beside the model and optimizer that a checkpoint must hold: the generator of prompts, noise and K,
+    how many metric lines are written, the current streak of non-finite steps, and the last checkpoint taken."""
+    out: Path
+    generator: torch.Generator
+    log: TextIO | None = None
+    lines: int = 0
+    bad_streak: int = 0
+    saved_at: str = "none yet"
+
+    def log_line(self, line: str) -> None:
+        self.log.write(line + "\n")
+        self.log.flush()
+        self.lines += 1
+
+
+def save_checkpoint(unet, progress: Progress, task: int, step: int, optimizer=None, teacher=None) -> None:
+    """Everything needed to continue at step `step` of task `task`. The global torch RNG state is included because
+    the next task's LoRA initialisation draws from it."""
+    os.fsync(progress.log.fileno())  # the metric lines the checkpoint counts are on disk before it is
+    state = {"task": task, "step": step, "adapters": list(unet.peft_config),
+             "lora": {n: p.detach() for n, p in unet.named_parameters() if "lora_" in n},
+             "optimizer": optimizer.state_dict() if optimizer is not None else None, "teacher": teacher,
+             "generator": progress.generator.get_state(), "torch_rng": torch.get_rng_state(),
+             "metric_lines": progress.lines, "bad_streak": progress.bad_streak}
+    atomic_write(progress.out / CHECKPOINT, lambda f: torch.save(state, f))
+    progress.saved_at = f"task {task}, step {step}"
+
+
+def load_checkpoint(out: Path) -> dict | None:
+    """The run's last checkpoint, or None if it was killed before writing one (it then restarts from the top)."""
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:
+        raise UsageError(f"--resume: {path} cannot be read ({error}); delete it to restart the run from its "
+                         "beginning") from None
+
+
+def restore(unet, args: Args, progress: Progress, checkpoint: dict) -> None:
+    """Rebuild the checkpoint's adapters, copy its LoRA tensors in, and restore the random streams and counters."""
+    for name in checkpoint["adapters"]:
+        add_task_adapter(unet, name, args.lora_rank)
+    params = dict(unet.named_parameters())
+    if not checkpoint["lora"].keys() <= params.keys():
+        raise UsageError(f"--resume: {progress.out / CHECKPOINT} does not fit this model; delete it to restart")
+    with torch.no_grad():
+        for name, tensor in checkpoint["lora"].items():
+            params[name].copy_(tensor)
+    torch.set_rng_state(checkpoint["torch_rng"])
+    progress.generator.set_state(checkpoint["generator"])
+    progress.lines, progress.bad_streak = checkpoint["metric_lines"], checkpoint["bad_streak"]
+    progress.saved_at = f"task {checkpoint['task']}, step {checkpoint['step']}"
+
+
+def keep_lines(path: Path, n: int) -> None:
+    """Cut `path` back to its first n lines: the steps after the checkpoint are run, and logged, again."""
+    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
+    atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
 def main(args: Args) -> StableDiffusionPipeline:
-    """Train the reward sequence; returns the pipeline with the trained adapters."""
+    """Train the reward sequence, or continue it with --resume; returns the pipeline with the trained adapters."""
     args = resolve(args)
     check_args(args)
     prompts = read_prompts(args.prompts)
+    out = Path(args.out_dir)
+    checkpoint = load_checkpoint(out) if args.resume else None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_pipeline(args, device)
     check_model_args(args, pipe)
     scorers = {name: load_reward(name, device, args.tiny) for name in dict.fromkeys(reward_names(args))}
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
 
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    if args.tiny:
-        pipe.save_pretrained(out / "base")  # so that diffusers and eval.py can load base + LoRA later
+    if not args.resume:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=2).encode()))
+    if args.tiny and not (out / "base").exists():
+        with atomic_dir(out / "base") as tmp:
+            pipe.save_pretrained(tmp)  # so that diffusers and eval.py can load base + LoRA later
     torch.manual_seed(args.seed)  # LoRA initialisation
-    generator = torch.Generator().manual_seed(args.seed)  # prompts, noise, K
-    with open(out / "metrics.jsonl", "w") as log:
+    progress = Progress(out, torch.Generator().manual_seed(args.seed))  # prompts, noise, K
+    if checkpoint is not None:
+        restore(pipe.unet, args, progress, checkpoint)
+        print(f"resuming {out} at {progress.saved_at}", file=sys.stderr)
+    elif args.resume:
+        print(f"resuming {out}: it stopped before its first checkpoint, so it restarts from the top", file=sys.stderr)
+    keep_lines(out / "metrics.jsonl", progress.lines)
+    first_task = checkpoint["task"] if checkpoint else 1
+    with open(out / "metrics.jsonl", "a") as progress.log:
         for task, name in enumerate(reward_names(args), start=1):
-            if task == 1 or not args.shared_adapter:
-                params = add_task_adapter(pipe.unet, "shared" if args.shared_adapter else f"task{task}", args.lora_rank)
-            train_task(pipe, scorers[name], prompts, params, args, task, name, generator, log)
+            if task < first_task:
+                continue  # done: its outputs were written before the checkpoint that follows it
+            params = task_adapter(pipe.unet, args, task)
+            inside = checkpoint if checkpoint and checkpoint["task"] == task and checkpoint["step"] > 0 else None
+            train_task(pipe, scorers[name], prompts, params, args, task, name, progress, inside)
             save_task(pipe, out / f"task{task}_{name}", prompts, args)
+            save_checkpoint(pipe.unet, progress, task + 1, 0)  # the next task starts with a fresh optimizer
     print(f"done: {out}")
     return pipe
 
@@ -405,6 +592,9 @@ if __name__ == "__main__":
     (cli_args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
     try:
         main(cli_args)
-    except UsageError as error:
+    except (UsageError, MissingWeights) as error:
         print(f"rid.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStopped as error:
+        print(f"rid.py: error: {error}", file=sys.stderr)
+        sys.exit(3)

@@ -1,19 +1,26 @@
 """Tests that the method works, on tiny models built from code (CPU, offline)."""
+import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
+from huggingface_hub.errors import LocalEntryNotFoundError
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
+import rewards
 import rid
-from rewards import OPENAI_MEAN, OPENAI_STD, Aesthetic, TextImageCosine, clip_preprocess, load_aesthetic_mlp, \
-    load_hps_weights, load_reward, seeded, tiny_clip
+from rewards import OPENAI_MEAN, OPENAI_STD, Aesthetic, MissingWeights, TextImageCosine, clip_preprocess, \
+    load_aesthetic_mlp, load_hps_weights, load_reward, seeded, tiny_clip
 
 HERE = Path(__file__).parent
 
@@ -370,3 +377,136 @@ def test_eval_compare_and_errors_through_the_command_line(evaluated_run, tmp_pat
         evaluation.load_run(tmp_path)
     with pytest.raises(rid.UsageError, match="no eval.json; run `python eval.py"):
         evaluation.compare([tmp_path])
+
+# ---------------------------------------------------------------------------------------------- reliability (issue 5)
+
+RESUME_FLAGS = ["--tiny", "--steps-per-task", "4", "--num-steps", "2", "--resolution", "16", "--checkpoint-every", "2"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def start_cli(out, *flags, env=None):
+    return subprocess.Popen([sys.executable, str(HERE / "rid.py"), *RESUME_FLAGS, "--out-dir", str(out), *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def metric_lines(out) -> int:
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def kill_when(proc, condition, timeout=180):
+    """SIGKILL `proc` as soon as condition() holds (polled every 20 ms); fails if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"finished before the kill point: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, "kill point not reached"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_anywhere_then_resume_gives_bit_identical_weights(tmp_path):
+    reference = start_cli(tmp_path / "reference")  # uninterrupted, same seed, alongside the killed run
+    out, pause = tmp_path / "killed", {"RID_TEST_PAUSE_BEFORE_RENAME": "1"}
+    writing = lambda: (out / "checkpoint.pt.tmp").exists()  # noqa: E731 (the finished file, held back from its rename)
+    # 1. During the first checkpoint write, so before any checkpoint exists: --resume must restart from the top.
+    kill_when(start_cli(out, env=pause), writing)
+    assert not (out / "checkpoint.pt").exists() and (out / "config.json").exists()
+    # 2. Inside task 2, during a checkpoint write: the previous checkpoint, taken at the end of task 1, stays valid.
+    kill_when(start_cli(out, "--resume", env=pause), lambda: metric_lines(out) >= 5 and writing())
+    previous = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (previous["task"], previous["step"]) == (2, 0)
+    assert (out / "task1_aesthetic" / LORA_FILE).exists() and not (out / "task2_hps").exists()
+    # 3. To the end.
+    for proc in (start_cli(out, "--resume"), reference):
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    for task_dir in ("task1_aesthetic", "task2_hps"):
+        resumed, uninterrupted = (load_file(run / task_dir / LORA_FILE) for run in (out, tmp_path / "reference"))
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[key], uninterrupted[key]) for key in resumed), task_dir
+
+    def steps(run):  # every metric except the timing, so that a step logged twice or lost would show
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in open(run / "metrics.jsonl")]
+    assert steps(out) == steps(tmp_path / "reference") and len(steps(out)) == 8
+
+
+def nan_on_calls(bad_calls):
+    """Patch for rid.load_reward: the real tiny scorer, but NaN rewards on the given calls (0-based)."""
+    calls = []
+
+    def load(name, device, tiny):
+        scorer = load_reward(name, device, tiny)
+
+        def score(images, prompts):
+            calls.append(None)
+            rewards = scorer(images, prompts)
+            return rewards * float("nan") if len(calls) - 1 in bad_calls else rewards
+        return score
+    return load
+
+
+def small_args(out, **overrides):
+    return rid.Args(**{**dict(tiny=True, rewards="aesthetic", steps_per_task=4, num_steps=2, resolution=16,
+                              checkpoint_every=2, out_dir=str(out)), **overrides})
+
+
+def test_a_nan_reward_skips_the_update_and_warns(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rid, "load_reward", nan_on_calls({1}))
+    pipe = rid.main(small_args(tmp_path))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["skipped"] for line in lines] == [False, True, False, False]
+    assert capsys.readouterr().err.count("update skipped") == 1
+    assert all(torch.isfinite(p).all() for n, p in pipe.unet.named_parameters() if "lora_" in n)
+
+
+def test_consecutive_nan_steps_stop_the_run_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
+    monkeypatch.setattr(rid, "load_reward", nan_on_calls(set(range(2, 100))))
+    with pytest.raises(rid.TrainingStopped, match=r"2 steps in a row .* checkpoint \(task 1, step 2\) is intact"):
+        rid.main(small_args(tmp_path, max_bad_steps=2))
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (checkpoint["task"], checkpoint["step"]) == (1, 2)
+    assert all(torch.isfinite(t).all() for t in [*checkpoint["lora"].values(), *checkpoint["teacher"].values()])
+
+
+def test_resume_with_another_configuration_is_refused_naming_the_fields(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(rid.resolve(small_args(tmp_path)))))
+    with pytest.raises(rid.UsageError, match=r"configuration: --k \(1 -> 2\), --rewards \('aesthetic' -> 'hps'"):
+        rid.main(small_args(tmp_path, rewards="hps", k=2, log_every=1, resume=True))  # log_every may differ
+    with pytest.raises(rid.UsageError, match="holds no run"):
+        rid.main(small_args(tmp_path / "empty", resume=True))
+
+
+def test_missing_model_offline_gives_one_line_and_exit_status_2(tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    cases = {"hub id": (["--model", "no-such/model"], "`hf download no-such/model`"),
+             "local path": (["--model", str(tmp_path / "no_such_dir")], "or pass a local diffusers directory")}
+    procs = {case: subprocess.Popen([sys.executable, str(HERE / "rid.py"), "--out-dir", str(tmp_path / "out"), *flags],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, **offline})
+             for case, (flags, _) in cases.items()}
+    for case, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (case, stderr)
+        assert stderr.strip().splitlines() == [stderr.strip()] and cases[case][1] in stderr, (case, stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_reward_weights_give_one_message_saying_how_to_get_them(tmp_path, monkeypatch):
+    """The download calls raise what they raise offline (measured with HF_HUB_OFFLINE=1 and no network)."""
+    def offline(error):
+        def fail(*args, **kwargs):
+            raise error
+        return fail
+    monkeypatch.setattr(rewards, "hf_hub_download", offline(LocalEntryNotFoundError("cannot find the file")))
+    with pytest.raises(MissingWeights, match="HPS_v2.1_compressed.pt from hub repo xswu/HPSv2 .* `hf download xswu"):
+        load_reward("hps", "cpu")
+    monkeypatch.setattr(rewards.open_clip, "create_model", offline(RuntimeError("Failed to download weights")))
+    with pytest.raises(MissingWeights, match="OpenAI CLIP ViT-L/14 .* `hf download timm/vit_large_patch14_clip_224"):
+        load_reward("clip", "cpu")
+    monkeypatch.setattr(rewards, "openai_vit_l14", tiny_clip)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline(urllib.error.URLError("no network")))
+    with pytest.raises(MissingWeights, match=r"sac\+logos\+ava1-l14-linearMSE.pth .* copy it to "):
+        load_reward("aesthetic", "cpu")
