@@ -34,11 +34,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
@@ -77,7 +78,8 @@ class Args:
     num_steps: int | None = field(default=None, metadata={"help": "DDIM steps T [full 50, tiny 10]"})
     k: int = field(default=1, metadata={"help": "the last K DDIM steps carry gradients (1 <= K <= T)"})
     random_k: bool = field(default=False, metadata={"help": "draw K uniformly from 1..k once per batch"})
-    batch_size: int | None = field(default=None, metadata={"help": "prompts per optimizer step [full 4, tiny 2]"})
+    batch_size: int | None = field(default=None, metadata={"help": "prompts per process and micro-batch [full 4, tiny 2]"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (gradient accumulation)"})
     resolution: int | None = field(default=None, metadata={"help": "image side in pixels [full 512, tiny 32]"})
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate [full 4e-4, tiny 3e-2]"})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (pulls LoRA towards the base)"})
@@ -96,7 +98,9 @@ class Args:
     shared_adapter: bool = field(default=False, metadata={"help": "one LoRA adapter for all tasks instead of one each"})
     seed: int = field(default=0, metadata={"help": "random seed (LoRA init, prompts, noise)"})
     log_every: int = field(default=10, metadata={"help": "print a summary line every this many steps"})
-    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
+        "help": "run the frozen UNet, VAE and text encoder in bf16/fp16 (LoRA tensors stay fp32)"})
+    cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is visible"})
 
 
 MODE_DEFAULTS = {
@@ -109,8 +113,8 @@ MODE_DEFAULTS = {
 }
 
 
-# Fields that may change when a run is resumed: they do not change what is computed (device: not on CPU).
-RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "device", "checkpoint_every", "max_bad_steps")
+# Fields that may change when a run is resumed: they do not change what is computed (cpu: not on a CPU run).
+RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "cpu", "checkpoint_every", "max_bad_steps")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -148,7 +152,7 @@ def check_args(args: Args) -> None:
     unknown = [name for name in reward_names(args) if name not in REWARDS]
     if unknown:
         raise UsageError(f"--rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
-    for name in ("steps_per_task", "num_steps", "batch_size", "resolution", "lora_rank", "log_every",
+    for name in ("steps_per_task", "num_steps", "batch_size", "grad_accum", "resolution", "lora_rank", "log_every",
                  "checkpoint_every", "max_bad_steps"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -212,9 +216,12 @@ def tiny_pipeline() -> StableDiffusionPipeline:
                                        feature_extractor=None, requires_safety_checker=False)
 
 
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def load_pipeline(args: Args, device: torch.device, path: str | Path | None = None) -> StableDiffusionPipeline:
-    """The frozen base model with a DDIM scheduler; the same object in tiny and full mode. `path` loads a saved
-    pipeline instead of building or downloading one (eval.py reloads a tiny run's base/ this way)."""
+    """The frozen base model with a DDIM scheduler, in --mixed-precision's dtype; the same object in tiny and full
+    mode. `path` loads a saved pipeline instead of building or downloading one (eval.py reloads a tiny run's base/)."""
     if args.tiny and path is None:
         pipe = tiny_pipeline()
     else:
@@ -226,7 +233,7 @@ def load_pipeline(args: Args, device: torch.device, path: str | Path | None = No
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
-    return pipe.to(device)
+    return pipe.to(device, WEIGHT_DTYPES[args.mixed_precision])
 
 
 def check_model_args(args: Args, pipe: StableDiffusionPipeline) -> None:
@@ -251,10 +258,11 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.T
 
 
 def initial_latents(pipe: StableDiffusionPipeline, n: int, resolution: int, generator: torch.Generator):
-    """x_T ~ N(0, I), (n, 4, resolution/8, resolution/8) for SD. Drawn on the CPU so seeds mean the same on any device."""
+    """x_T ~ N(0, I), (n, 4, resolution/8, resolution/8) for SD. Drawn on the CPU so seeds mean the same on any device.
+    The DDIM chain runs in at least fp32, also when the UNet runs in bf16/fp16 (unet_eps casts at its boundary)."""
     side = resolution // pipe.vae_scale_factor
     x = torch.randn((n, pipe.unet.config.in_channels, side, side), generator=generator)
-    return x.to(pipe.device, pipe.unet.dtype) * pipe.scheduler.init_noise_sigma
+    return x.to(pipe.device, torch.promote_types(pipe.unet.dtype, torch.float32)) * pipe.scheduler.init_noise_sigma
 
 
 def unet_eps(unet, x, t, text_emb, feat_layers=(), params=None):
@@ -269,12 +277,12 @@ def unet_eps(unet, x, t, text_emb, feat_layers=(), params=None):
 
     hooks = [unet.get_submodule(name).register_forward_hook(keep(name)) for name in feat_layers]
     try:
-        inputs, kwargs = (torch.cat([x, x]), t), {"encoder_hidden_states": text_emb}
+        inputs, kwargs = (torch.cat([x, x]).to(unet.dtype), t), {"encoder_hidden_states": text_emb}
         out = functional_call(unet, params, inputs, kwargs, strict=False) if params else unet(*inputs, **kwargs)
     finally:
         for hook in hooks:
             hook.remove()
-    return out.sample, [features[name] for name in feat_layers]
+    return out.sample.to(x.dtype), [features[name].to(x.dtype) for name in feat_layers]
 
 
 def guide(eps: torch.Tensor, w: float) -> torch.Tensor:
@@ -317,7 +325,7 @@ def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generato
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode, (B,4,h,w) latents -> (B,3,H,W) pixels mapped from [-1,1] to [0,1] (once, here). Not clamped:
     a clamp would silently zero the gradient of saturated pixels."""
-    return vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5
+    return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.to(latents.dtype) / 2 + 0.5
 
 
 @torch.no_grad()
@@ -363,20 +371,59 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------------------
 # Training.
 
-def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Generator) -> dict:
+def draw_batch(pipe, prompts: list[str], args: Args, generator: torch.Generator, process: tuple[int, int] = (0, 1)):
+    """Prompts (B,), x_T (B,4,h,w) and K for this process. Every process draws the same global batch of B x processes
+    from the shared generator and keeps its own slice, so the processes see different prompts and noise, and N
+    processes x B see exactly what one process x N*B would. K is drawn once per batch, never per denoising step."""
+    index, count = process
+    ids = torch.randint(len(prompts), (args.batch_size * count,), generator=generator)
+    k = int(torch.randint(1, args.k + 1, (), generator=generator)) if args.random_k else args.k
+    x_T = initial_latents(pipe, args.batch_size * count, args.resolution, generator)
+    mine = slice(index * args.batch_size, (index + 1) * args.batch_size)
+    return [prompts[i] for i in ids[mine]], x_T[mine], k
+
+
+def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Generator, accelerator=None) -> dict:
     """Sample a batch with gradients through the last K steps, score it, and backpropagate
-    L = L_reward + lambda_out L_out + lambda_feat L_feat. Returns the step's metrics."""
-    batch = [prompts[i] for i in torch.randint(len(prompts), (args.batch_size,), generator=generator)]
-    k = int(torch.randint(1, args.k + 1, (), generator=generator)) if args.random_k else args.k  # once per batch
-    x_T = initial_latents(pipe, args.batch_size, args.resolution, generator)
-    x0, l_out, l_feat = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator)
-    images = checkpoint(decode, pipe.vae, x0, use_reentrant=False)                        # (B, 3, H, W)
-    rewards = scorer(images, batch)                                                       # (B,)
-    l_reward = -args.reward_scale * rewards.mean()
-    loss = l_reward + args.lambda_out * l_out + args.lambda_feat * l_feat
-    loss.backward()
-    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(), "loss": loss.item(),
-            "loss_reward": l_reward.item(), "loss_out": l_out.item(), "loss_feat": l_feat.item(), "k": k}
+    L = L_reward + lambda_out L_out + lambda_feat L_feat, divided by --grad-accum (gradients add up over
+    micro-batches). The forward pass runs under the accelerator's autocast. Returns the rewards (B,), the loss terms
+    (detached) and K."""
+    process = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    batch, x_T, k = draw_batch(pipe, prompts, args, generator, process)
+    with accelerator.autocast() if accelerator else contextlib.nullcontext():
+        x0, l_out, l_feat = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator)
+        images = checkpoint(decode, pipe.vae, x0, use_reentrant=False)                    # (B, 3, H, W)
+        rewards = scorer(images, batch).float()                                           # (B,)
+        l_reward = -args.reward_scale * rewards.mean()
+        loss = l_reward + args.lambda_out * l_out + args.lambda_feat * l_feat
+    (accelerator.backward if accelerator else torch.Tensor.backward)(loss / args.grad_accum)
+    terms = {"loss": loss, "loss_reward": l_reward, "loss_out": l_out, "loss_feat": l_feat}
+    return {"rewards": rewards.detach(), **{name: term.detach().float() for name, term in terms.items()}, "k": k}
+
+
+LOSS_TERMS = ("loss", "loss_reward", "loss_out", "loss_feat")
+
+
+def average_gradients(params: dict[str, torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """All-reduce (mean) the LoRA gradients across processes, in one flat call. Done by hand rather than through
+    DDP: a new adapter joins at every task, and the K UNet calls run inside activation checkpointing with a teacher
+    call beside them, which DDP's hooks handle badly. A no-op on one process."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in params.values()]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    for g, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(averaged.view_as(g))
+
+
+def step_metrics(micro_batches: list[dict], accelerator: Accelerator) -> dict:
+    """The optimizer step's metrics over all micro-batches of all processes: rewards gathered (B x processes x
+    accumulation samples), loss terms averaged, K averaged over the micro-batches."""
+    rewards = accelerator.gather(torch.cat([m["rewards"] for m in micro_batches]))
+    terms = torch.stack([torch.stack([m[name] for name in LOSS_TERMS]) for m in micro_batches]).mean(0)  # (4,)
+    terms = accelerator.reduce(terms, reduction="mean")
+    return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            **dict(zip(LOSS_TERMS, terms.tolist())), "k": sum(m["k"] for m in micro_batches) / len(micro_batches)}
 
 
 def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str, torch.nn.Parameter]:
@@ -392,32 +439,39 @@ def is_finite(*values: float) -> bool:
     return all(math.isfinite(value) for value in values)
 
 
-def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, progress, resume=None) -> None:
+def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, progress, accelerator,
+               resume=None) -> None:
     """Optimise one reward for --steps-per-task steps, updating the EMA teacher after every step. A step whose loss or
-    gradient is not finite is skipped (no update), logged and warned about. `resume`: a checkpoint taken inside this
-    task, whose step, optimizer and teacher are restored (the model and generators already are)."""
+    gradient is not finite is skipped (no update), logged and warned about; an fp16 loss-scale overflow is left to
+    the grad scaler, which skips the step and lowers its scale. `resume`: a checkpoint taken inside this task, whose
+    step, optimizer and teacher are restored (the model and generators already are)."""
     uses_teacher = args.lambda_out > 0 or args.lambda_feat > 0
     teacher = {n: p.detach().clone() for n, p in params.items()} if uses_teacher else None  # starts as the student
-    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = accelerator.prepare(torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay))
     first = 0
     if resume is not None:
         first, teacher = resume["step"], resume["teacher"]
         optimizer.load_state_dict(resume["optimizer"])
     bar = tqdm(range(first, args.steps_per_task), desc=f"task {task} ({name})", initial=first,
-               total=args.steps_per_task, dynamic_ncols=True)
+               total=args.steps_per_task, dynamic_ncols=True, disable=not accelerator.is_main_process)
     for step in bar:
         start = time.perf_counter()
-        metrics = train_step(pipe, scorer, prompts, teacher, args, progress.generator)
-        metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip).item()
-        metrics["skipped"] = not is_finite(metrics["loss"], metrics["grad_norm"])
+        micro_batches = [train_step(pipe, scorer, prompts, teacher, args, progress.generator, accelerator)
+                         for _ in range(args.grad_accum)]
+        average_gradients(params, accelerator)
+        metrics = step_metrics(micro_batches, accelerator)
+        metrics["grad_norm"] = float(accelerator.clip_grad_norm_(params.values(), args.grad_clip))  # unscales fp16
+        overflow = accelerator.scaler is not None and is_finite(metrics["loss"]) and not is_finite(metrics["grad_norm"])
+        metrics["skipped"] = not overflow and not is_finite(metrics["loss"], metrics["grad_norm"])
         if metrics["skipped"]:  # one NaN would poison the LoRA, AdamW's moments and the teacher for good
             progress.bad_streak += 1
-            tqdm.write(f"warning: task {task} step {step}: loss {metrics['loss']}, gradient norm "
-                       f"{metrics['grad_norm']}; update skipped ({progress.bad_streak} in a row)", file=sys.stderr)
+            if accelerator.is_main_process:
+                tqdm.write(f"warning: task {task} step {step}: loss {metrics['loss']}, gradient norm "
+                           f"{metrics['grad_norm']}; update skipped ({progress.bad_streak} in a row)", file=sys.stderr)
         else:
             progress.bad_streak = 0
             optimizer.step()
-            if teacher is not None:
+            if teacher is not None and not accelerator.optimizer_step_was_skipped:
                 ema_update(teacher, params, args.ema_decay)
         optimizer.zero_grad(set_to_none=True)
         metrics = {"task": task, "reward": name, "step": step, "lr": optimizer.param_groups[0]["lr"], **metrics,
@@ -428,12 +482,17 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
             raise TrainingStopped(f"task {task} step {step}: {progress.bad_streak} steps in a row had a non-finite "
                                   f"loss or gradient (--max-bad-steps {args.max_bad_steps}); stopped. The last good "
                                   f"checkpoint ({progress.saved_at}) is intact in {progress.out / CHECKPOINT}")
-        if (step + 1) % args.checkpoint_every == 0:
+        if (step + 1) % args.checkpoint_every == 0 and accelerator.is_main_process:
             save_checkpoint(pipe.unet, progress, task, step + 1, optimizer, teacher)
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task:
-            bar.write(f"task {task} {name} step {step + 1}/{args.steps_per_task}: reward {metrics['reward_mean']:.4g} "
-                      f"loss {metrics['loss']:.4g} (out {metrics['loss_out']:.3g}, feat {metrics['loss_feat']:.3g}) "
-                      f"grad {metrics['grad_norm']:.3g} {metrics['seconds']:.2f}s/step")
+        if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task):
+            bar.write(summary(metrics, args))
+
+
+def summary(metrics: dict, args: Args) -> str:
+    """The readable line printed every --log-every steps."""
+    return (f"task {metrics['task']} {metrics['reward']} step {metrics['step'] + 1}/{args.steps_per_task}: "
+            f"reward {metrics['reward_mean']:.4g} loss {metrics['loss']:.4g} (out {metrics['loss_out']:.3g}, "
+            f"feat {metrics['loss_feat']:.3g}) grad {metrics['grad_norm']:.3g} {metrics['seconds']:.2f}s/step")
 
 
 def save_task(pipe, task_dir: Path, prompts: list[str], args: Args) -> None:
@@ -495,8 +554,10 @@ class Progress:
     saved_at: str = "none yet"
 
     def log_line(self, line: str) -> None:
-        self.log.write(line + "\n")
-        self.log.flush()
+        """Append one metrics line (only the main process has a log; every process counts)."""
+        if self.log is not None:
+            self.log.write(line + "\n")
+            self.log.flush()
         self.lines += 1
 
 
@@ -547,44 +608,61 @@ def keep_lines(path: Path, n: int) -> None:
     atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
-def main(args: Args) -> StableDiffusionPipeline:
-    """Train the reward sequence, or continue it with --resume; returns the pipeline with the trained adapters."""
-    args = resolve(args)
-    check_args(args)
-    prompts = read_prompts(args.prompts)
-    out = Path(args.out_dir)
-    checkpoint = load_checkpoint(out) if args.resume else None
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = load_pipeline(args, device)
-    check_model_args(args, pipe)
-    scorers = {name: load_reward(name, device, args.tiny) for name in dict.fromkeys(reward_names(args))}
-    pipe.scheduler.set_timesteps(args.num_steps, device=device)
-
+def write_run_files(args: Args, out: Path, pipe) -> None:
+    """config.json for a new run, and for --tiny the base pipeline, so that diffusers and eval.py can load base + LoRA
+    later. Main process only."""
     if not args.resume:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=2).encode()))
     if args.tiny and not (out / "base").exists():
         with atomic_dir(out / "base") as tmp:
-            pipe.save_pretrained(tmp)  # so that diffusers and eval.py can load base + LoRA later
-    torch.manual_seed(args.seed)  # LoRA initialisation
-    progress = Progress(out, torch.Generator().manual_seed(args.seed))  # prompts, noise, K
+            pipe.save_pretrained(tmp)
+
+
+def main(args: Args) -> StableDiffusionPipeline:
+    """Train the reward sequence, or continue it with --resume; returns the pipeline with the trained adapters.
+    Runs as one process (`python rid.py`) or data parallel (`accelerate launch rid.py`); only the main process writes."""
+    args = resolve(args)
+    check_args(args)
+    prompts = read_prompts(args.prompts)
+    out = Path(args.out_dir)
+    checkpoint = load_checkpoint(out) if args.resume else None
+    # cpu=True without a GPU too: Accelerate recognises several CPU processes (gloo) only when told to use the CPU.
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
+    is_main = accelerator.is_main_process
+    pipe = load_pipeline(args, accelerator.device)
+    check_model_args(args, pipe)
+    scorers = {name: load_reward(name, accelerator.device, args.tiny) for name in dict.fromkeys(reward_names(args))}
+    pipe.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
+    accelerator.wait_for_everyone()  # every process has checked --out-dir before the main one writes to it
+    if is_main:
+        write_run_files(args, out, pipe)
+        print(f"effective batch: {args.batch_size} per process x {accelerator.num_processes} processes x "
+              f"{args.grad_accum} accumulation = {args.batch_size * accelerator.num_processes * args.grad_accum}")
+
+    torch.manual_seed(args.seed)  # LoRA initialisation: the same on every process
+    progress = Progress(out, torch.Generator().manual_seed(args.seed))  # prompts, noise, K: the same on every process
     if checkpoint is not None:
         restore(pipe.unet, args, progress, checkpoint)
-        print(f"resuming {out} at {progress.saved_at}", file=sys.stderr)
+        accelerator.print(f"resuming {out} at {progress.saved_at}", file=sys.stderr)
     elif args.resume:
-        print(f"resuming {out}: it stopped before its first checkpoint, so it restarts from the top", file=sys.stderr)
-    keep_lines(out / "metrics.jsonl", progress.lines)
+        accelerator.print(f"resuming {out}: it stopped before its first checkpoint, so it restarts from the top",
+                          file=sys.stderr)
+    if is_main:
+        keep_lines(out / "metrics.jsonl", progress.lines)
     first_task = checkpoint["task"] if checkpoint else 1
-    with open(out / "metrics.jsonl", "a") as progress.log:
+    with open(out / "metrics.jsonl", "a") if is_main else contextlib.nullcontext() as progress.log:
         for task, name in enumerate(reward_names(args), start=1):
             if task < first_task:
                 continue  # done: its outputs were written before the checkpoint that follows it
             params = task_adapter(pipe.unet, args, task)
             inside = checkpoint if checkpoint and checkpoint["task"] == task and checkpoint["step"] > 0 else None
-            train_task(pipe, scorers[name], prompts, params, args, task, name, progress, inside)
-            save_task(pipe, out / f"task{task}_{name}", prompts, args)
-            save_checkpoint(pipe.unet, progress, task + 1, 0)  # the next task starts with a fresh optimizer
-    print(f"done: {out}")
+            train_task(pipe, scorers[name], prompts, params, args, task, name, progress, accelerator, inside)
+            if is_main:
+                save_task(pipe, out / f"task{task}_{name}", prompts, args)
+                save_checkpoint(pipe.unet, progress, task + 1, 0)  # the next task starts with a fresh optimizer
+    accelerator.wait_for_everyone()
+    accelerator.print(f"done: {out}")
     return pipe
 
 

@@ -1,6 +1,7 @@
 """Tests that the method works, on tiny models built from code (CPU, offline)."""
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub.errors import LocalEntryNotFoundError
@@ -27,7 +29,7 @@ HERE = Path(__file__).parent
 
 def tiny_setup(steps=4, dtype=torch.float32, **overrides):
     """A tiny pipeline with one LoRA adapter whose B is non-zero (so that A has a gradient too)."""
-    args = rid.resolve(rid.Args(tiny=True, num_steps=steps, resolution=16, batch_size=2, **overrides))
+    args = rid.resolve(rid.Args(**{"tiny": True, "num_steps": steps, "resolution": 16, "batch_size": 2, **overrides}))
     pipe = rid.load_pipeline(args, torch.device("cpu")).to(dtype=dtype)
     pipe.scheduler.set_timesteps(steps)
     with seeded(0):
@@ -510,3 +512,102 @@ def test_missing_reward_weights_give_one_message_saying_how_to_get_them(tmp_path
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline(urllib.error.URLError("no network")))
     with pytest.raises(MissingWeights, match=r"sac\+logos\+ava1-l14-linearMSE.pth .* copy it to "):
         load_reward("aesthetic", "cpu")
+
+
+# ---------------------------------------------------------------------------------------------- data parallel (issue 6)
+
+def first_step_gradient(args: rid.Args, accelerator) -> dict[str, torch.Tensor]:
+    """The LoRA gradient of one RID training step at the initial adapter, averaged over the processes."""
+    args = rid.resolve(args)
+    pipe = rid.load_pipeline(args, accelerator.device)
+    pipe.scheduler.set_timesteps(args.num_steps)
+    torch.manual_seed(args.seed)
+    params = rid.add_task_adapter(pipe.unet, "task1", args.lora_rank)
+    teacher = {n: p.detach().clone() for n, p in params.items()}
+    rid.train_step(pipe, load_reward(args.rewards, accelerator.device, tiny=True), rid.DEFAULT_PROMPTS, teacher,
+                   args, torch.Generator().manual_seed(args.seed), accelerator)
+    rid.average_gradients(params, accelerator)
+    return {n: p.grad for n, p in params.items()}
+
+
+# Under each process: the first step's averaged gradient, then rid.main, then that process's LoRA tensors.
+RUN_AND_SAVE_LORA = """
+import sys, torch
+from accelerate import Accelerator
+from transformers import HfArgumentParser
+import rid
+from test_rid import first_step_gradient
+(args,) = HfArgumentParser(rid.Args).parse_args_into_dataclasses(sys.argv[1:])
+accelerator = Accelerator(cpu=True, mixed_precision=args.mixed_precision)
+rank = accelerator.process_index
+torch.save(first_step_gradient(args, accelerator), f"{args.out_dir}.grad_rank{rank}.pt")
+pipe = rid.main(args)
+torch.save({n: p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in n}, f"{args.out_dir}.lora_rank{rank}.pt")
+"""
+
+
+def test_two_processes_average_gradients_and_stay_identical(tmp_path):
+    """2 processes x batch 1 (torch.distributed on CPU, gloo) against 1 process x batch 2 on the same prompts and noise
+    (each process keeps its slice of the shared global batch): the averaged gradient of a step equals the single
+    process's to 1e-4 of each tensor's largest entry (float summation order), and after 2 optimizer steps through
+    main() both ranks hold bit-identical LoRA tensors, the teacher's update included."""
+    script = tmp_path / "run_and_save_lora.py"
+    script.write_text(RUN_AND_SAVE_LORA)
+    flags = ["--tiny", "--rewards", "aesthetic", "--steps-per-task", "2", "--num-steps", "4", "--resolution", "16"]
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *flags,
+                          "--batch-size", "1", "--out-dir", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "effective batch: 1 per process x 2 processes x 1 accumulation = 2" in two.stdout
+    args = rid.Args(tiny=True, rewards="aesthetic", num_steps=4, resolution=16, batch_size=2)
+    single = first_step_gradient(args, Accelerator(cpu=True))
+    for rank in (0, 1):
+        averaged = torch.load(tmp_path / f"two.grad_rank{rank}.pt")
+        assert averaged.keys() == single.keys()
+        for n, g in single.items():
+            torch.testing.assert_close(averaged[n], g, rtol=0, atol=1e-4 * g.abs().max().item())
+    assert any(g.abs().max() > 0 for g in single.values())
+    rank0, rank1 = (torch.load(tmp_path / f"two.lora_rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)  # gradients averaged, not kept per process
+    assert any(rank0[n].abs().max() > 0 for n in rank0 if "lora_B" in n)  # they trained (B starts at zero)
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # only the main process logs
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """Two accumulated micro-batches give the mean of their two separate gradients (each micro-batch draws its own
+    prompts and noise from the generator, in the same order both times)."""
+    args, pipe, params, prompts, latents = tiny_setup(steps=3, grad_accum=2, batch_size=1)
+    scorer = load_reward("aesthetic", "cpu", tiny=True)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        rid.train_step(pipe, scorer, prompts, None, args, generator)
+    accumulated = [p.grad.clone() for p in params.values()]
+    generator = torch.Generator().manual_seed(0)
+    separate = []
+    for _ in range(2):
+        for p in params.values():
+            p.grad = None
+        rid.train_step(pipe, scorer, prompts, None, dataclasses.replace(args, grad_accum=1), generator)
+        separate.append([p.grad.clone() for p in params.values()])
+    for g, g1, g2 in zip(accumulated, *separate):
+        torch.testing.assert_close(g, (g1 + g2) / 2)
+
+
+def test_a_training_step_in_bf16_on_cpu(tmp_path):
+    """--mixed-precision bf16: the frozen networks run in bf16, the LoRA tensors stay fp32 and train."""
+    script = tmp_path / "run_and_save_lora.py"
+    script.write_text(RUN_AND_SAVE_LORA)
+    done = subprocess.run([sys.executable, str(script), "--tiny", "--rewards", "hps", "--steps-per-task", "2",
+                           "--num-steps", "4", "--resolution", "16", "--mixed-precision", "bf16",
+                           "--out-dir", str(tmp_path / "bf16")],
+                          env={**os.environ, "PYTHONPATH": str(HERE)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lora = torch.load(tmp_path / "bf16.lora_rank0.pt")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
+    assert any(t.abs().max() > 0 for n, t in lora.items() if "lora_B" in n)
+    lines = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert not any(line["skipped"] for line in lines) and all(math.isfinite(line["loss"]) for line in lines)
+    unet_weights = load_file(tmp_path / "bf16" / "base" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in unet_weights.values()} == {torch.bfloat16}  # the frozen UNet ran (and was saved) in bf16
