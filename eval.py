@@ -14,13 +14,22 @@ number is also given in base standard deviations (G), where averages over reward
 
     python eval.py runs/tiny                          # writes eval.json, eval.md, eval_rewards.png, eval_grid.png
     python eval.py --compare runs/plain runs/rid      # one Markdown table from the runs' eval.json
+    python eval.py --benchmark --tiny                 # seconds per step and peak memory, plain vs RID, K = 1, 5, 10
 """
 import argparse
+import contextlib
+import gc
 import json
+import multiprocessing
+import os
 import statistics
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import open_clip
 import torch
 from matplotlib.figure import Figure
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -28,7 +37,7 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 import rid
-from rewards import REWARDS, load_reward
+from rewards import REWARDS, Aesthetic, load_reward, seeded
 
 # Held out: none of these is among rid.py's training prompts.
 EVAL_PROMPTS = [
@@ -39,7 +48,8 @@ EVAL_PROMPTS = [
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="`python eval.py --benchmark --help`: the performance benchmark")
     parser.add_argument("runs", nargs="+", help="run directories written by rid.py (evaluated one after another)")
     parser.add_argument("--compare", action="store_true",
                         help="print one side-by-side Markdown table from the runs' eval.json instead of evaluating")
@@ -313,6 +323,10 @@ def compare(runs: list[Path]) -> str:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--benchmark" in argv:  # the performance benchmark (end of this file) has flags of its own
+        benchmark(parse_benchmark_args(argv))
+        return
     opts = parse_args(argv)
     runs = [Path(run) for run in opts.runs]
     if opts.compare:
@@ -323,6 +337,240 @@ def main(argv=None) -> None:
         load_run(run)  # refuse an incomplete run before evaluating any
     for run in runs:
         evaluate(run, prompts, seeds, extra, opts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark (issue 4): the cost of one optimizer step, RID against plain fine-tuning, and peak memory against K.
+#
+#     python eval.py --benchmark --tiny                                   # tiny models, CPU, about a minute
+#     python eval.py --benchmark --random-weights --resolution 128 --num-steps 20 --batch-size 1   # CPU, reduced
+#     python eval.py --benchmark --random-weights                         # SD1.5 architecture at 512 px (a GPU)
+#
+# Everything is measured in one process on one model, batch and T, configurations interleaved round by round so
+# that a busy machine slows all of them alike; medians over --repeats rounds after one warm-up round.
+
+BENCH_METHODS = {"plain": dict(lambda_out=0.0, lambda_feat=0.0, shared_adapter=True), "rid": {}}  # rid: defaults
+
+
+def parse_benchmark_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="eval.py --benchmark", description="Seconds per optimizer step of plain "
+                                     "fine-tuning and of RID, peak memory against K, and a training step against a "
+                                     "sampling pass; one model, batch and T.")
+    parser.add_argument("--benchmark", action="store_true", required=True, help="run the benchmark")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--tiny", action="store_true", help="tiny random models (as rid.py --tiny)")
+    mode.add_argument("--random-weights", action="store_true", help="SD1.5's architecture with random weights")
+    parser.add_argument("--resolution", type=int, help="image side in pixels [rid.py's default for the mode]")
+    parser.add_argument("--num-steps", type=int, help="DDIM steps T [rid.py's default for the mode]")
+    parser.add_argument("--batch-size", type=int, help="prompts per step [rid.py's default for the mode]")
+    parser.add_argument("--ks", default="1,5,10", help="the K values to measure, comma-separated")
+    parser.add_argument("--reward", default="aesthetic", choices=["aesthetic", "compressibility"],
+                        help="aesthetic: the CLIP ViT-L/14 tower of the real step (random weights with "
+                             "--random-weights); compressibility: no tower")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    return parser.parse_args(argv)
+
+
+def bench_args(opts: argparse.Namespace, method: str, k: int, checkpointing: bool = True) -> rid.Args:
+    """rid.Args of one benchmark configuration: the mode's defaults, the benchmark's model, batch and T."""
+    sizes = {name: getattr(opts, name) for name in ("resolution", "num_steps", "batch_size")}
+    args = rid.Args(tiny=opts.tiny, random_weights=opts.random_weights, rewards=opts.reward, k=k,
+                    checkpointing=checkpointing, **BENCH_METHODS[method], **sizes)
+    return rid.resolve(args)
+
+
+def bench_scorer(opts: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The benchmark's reward. With --random-weights, aesthetic is the real scorer's architecture (OpenAI CLIP
+    ViT-L/14 and the 768-1024-128-64-16-1 MLP) with random weights: a real step's cost, no download."""
+    if opts.random_weights and opts.reward == "aesthetic":
+        with seeded(1):
+            scorer = Aesthetic(open_clip.create_model("ViT-L-14", pretrained=None), dim=768)
+        return scorer.requires_grad_(False).eval().to(device)
+    return load_reward(opts.reward, device, opts.tiny)
+
+
+def bench_setup(opts: argparse.Namespace, device: torch.device):
+    """The model, its LoRA adapter (task 1, the same for both methods), the scorer and AdamW over the LoRA."""
+    args = bench_args(opts, "rid", 1)
+    pipe = rid.load_pipeline(args, device)
+    rid.check_model_args(args, pipe)
+    pipe.scheduler.set_timesteps(args.num_steps, device=device)
+    torch.manual_seed(args.seed)
+    params = rid.task_adapter(pipe.unet, args, task=1)
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
+    return pipe, params, bench_scorer(opts, device), optimizer
+
+
+def optimizer_step(pipe, scorer, params, teacher, optimizer, args: rid.Args, generator) -> None:
+    """One optimizer step as rid.train_task takes it: train_step (sample with gradients through the last K steps,
+    score, backward), gradient clipping, AdamW, and for RID the EMA teacher update."""
+    rid.train_step(pipe, scorer, rid.DEFAULT_PROMPTS, teacher, args, generator)
+    torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
+    optimizer.step()
+    if teacher is not None:
+        rid.ema_update(teacher, params, args.ema_decay)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def synchronized_seconds(fn, device: torch.device) -> float:
+    """Wall-clock seconds of fn(), with the GPU's queued work finished before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def step_times(opts: argparse.Namespace, ks: list[int], device: torch.device) -> dict[str, float]:
+    """Median seconds of one optimizer step for each (method, K), and of one sampling pass (rid.generate: T steps
+    without gradients and the decode), all on the same model, batch and T. One warm-up round, then --repeats rounds;
+    each round runs every configuration once, so that a busy machine slows every configuration alike."""
+    pipe, params, scorer, optimizer = bench_setup(opts, device)
+    jobs = {}
+    for k in ks:
+        for method in BENCH_METHODS:
+            args = bench_args(opts, method, k)
+            teacher = rid.new_teacher(params, args)
+            step = (pipe, scorer, params, teacher, optimizer, args, torch.Generator().manual_seed(0))
+            jobs[f"{method} K={k}"] = lambda step=step: optimizer_step(*step)
+    sample_args = bench_args(opts, "plain", 1)
+    prompts = rid.DEFAULT_PROMPTS[:sample_args.batch_size]
+    latents = rid.initial_latents(pipe, len(prompts), sample_args.resolution, torch.Generator().manual_seed(0))
+    jobs["sampling"] = lambda: rid.generate(pipe, prompts, latents, sample_args)
+    seconds = {name: [] for name in jobs}
+    for round_ in tqdm(range(1 + opts.repeats), desc="timing rounds", dynamic_ncols=True):
+        for name, job in jobs.items():
+            elapsed = synchronized_seconds(job, device)
+            if round_ > 0:  # round 0 warms up: first-call allocations, kernel selection, caches
+                seconds[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def resident_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in KiB, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_training_memory(opts: argparse.Namespace, k: int, checkpointing: bool) -> int | None:
+    """Peak memory in bytes of one RID optimizer step above what is held before it (the weights, LoRA, teacher and
+    AdamW state), i.e. what training at this K adds. One warm-up step first, so that one-time allocations (AdamW's
+    moments, the libraries' kernel caches) are not counted. On a GPU: the allocator's peak,
+    torch.cuda.max_memory_allocated. On CPU: the kernel's peak resident set size (VmHWM), reset before the step by
+    writing 5 to /proc/self/clear_refs; peak_memories runs this in a fresh process whose malloc returns every large
+    block to the kernel when it is freed, so that resident memory follows the live tensors. None if out of memory."""
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe, params, scorer, optimizer = bench_setup(opts, device)
+    args = bench_args(opts, "rid", k, checkpointing)
+    teacher, generator = rid.new_teacher(params, args), torch.Generator().manual_seed(0)
+    try:
+        optimizer_step(pipe, scorer, params, teacher, optimizer, args, generator)  # warm-up
+    except torch.OutOfMemoryError:
+        return None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+        before = resident_kib("VmRSS") * 1024
+    try:
+        optimizer_step(pipe, scorer, params, teacher, optimizer, args, generator)
+    except torch.OutOfMemoryError:
+        return None
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_kib("VmHWM") * 1024
+    return peak - before
+
+
+@contextlib.contextmanager
+def child_environment(**variables: str):
+    """Set environment variables for the processes started inside the block (this process's own malloc has read
+    its settings at start-up already), and restore the environment after it."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def peak_memories(opts: argparse.Namespace, ks: list[int]) -> dict[str, int | None]:
+    """peak_training_memory for every K, checkpointing on and off, each in its own fresh (spawned) process, so that
+    no configuration inherits another's memory. In those processes glibc's malloc serves every block of 64 KiB or
+    more with mmap and unmaps it when freed (MALLOC_MMAP_THRESHOLD_; setting it also stops glibc from raising the
+    threshold on its own): freed tensors then leave the resident set at once instead of staying cached in the heap.
+    A process killed for lack of memory (the CPU's OOM killer) gives None, as a GPU OOM does."""
+    results = {}
+    for k in ks:
+        for checkpointing in (True, False):
+            name = f"K={k} checkpointing {'on' if checkpointing else 'off'}"
+            with child_environment(MALLOC_MMAP_THRESHOLD_="65536"), \
+                    ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                try:
+                    results[name] = pool.submit(peak_training_memory, opts, k, checkpointing).result()
+                except BrokenProcessPool:
+                    results[name] = None
+            print(f"peak memory, {name}: {fmt(mib(results[name]))} MiB", file=sys.stderr)
+    return results
+
+
+def mib(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 2 ** 20
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def benchmark_tables(result: dict) -> str:
+    """The benchmark's results as two Markdown tables: time against K and sampling, memory against K."""
+    t, seconds, memory = result["num_steps"], result["seconds"], result["peak_memory_bytes"]
+    time_rows, memory_rows = [], []
+    for k in result["ks"]:
+        plain, rid_, floor = seconds[f"plain K={k}"], seconds[f"rid K={k}"], (t + 3 * k) / t
+        time_rows.append([str(k), plain, rid_, rid_ / plain, plain / seconds["sampling"], floor,
+                          plain / seconds["sampling"] / floor, rid_ / seconds["sampling"] / floor])
+        on, off = memory[f"K={k} checkpointing on"], memory[f"K={k} checkpointing off"]
+        first_on, first_off = (memory[f"K={result['ks'][0]} checkpointing {c}"] for c in ("on", "off"))
+        memory_rows.append([str(k), mib(on), ratio(on, first_on), mib(off), ratio(off, first_off)])
+    first = result["ks"][0]
+    return "\n\n".join([
+        f"{result['model']}, {result['resolution']} px, batch {result['batch_size']}, T={t}, reward "
+        f"{result['reward']}, {result['device']}; medians of {result['repeats']} rounds; one sampling pass: "
+        f"{seconds['sampling']:.4g} s",
+        markdown_table(["K", "plain s/step", "RID s/step", "RID / plain", "plain / sampling", "floor (T+3K)/T",
+                        "plain / sampling / floor", "RID / sampling / floor"], time_rows),
+        markdown_table(["K", "peak MiB, checkpointing on", f"on / on at K={first}", "peak MiB, checkpointing off",
+                        f"off / off at K={first}"], memory_rows)])
+
+
+def benchmark(opts: argparse.Namespace) -> dict:
+    """Run the benchmark; print its tables (and write --json). Returns every number."""
+    ks = [int(k) for k in opts.ks.split(",")]
+    args = bench_args(opts, "rid", 1)
+    t = args.num_steps
+    if not all(1 <= k <= t for k in ks) or opts.repeats <= 0:
+        raise rid.UsageError(f"--ks must be between 1 and --num-steps ({t}), and --repeats positive")
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = "tiny" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    result = {"model": model, "device": where, "resolution": args.resolution, "batch_size": args.batch_size,
+              "num_steps": t, "ks": ks, "reward": opts.reward, "repeats": opts.repeats,
+              "seconds": step_times(opts, ks, device), "peak_memory_bytes": peak_memories(opts, ks)}
+    print(benchmark_tables(result))
+    if opts.json:
+        Path(opts.json).write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

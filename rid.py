@@ -66,6 +66,8 @@ DEFAULT_PROMPTS = [
 class Args:
     rewards: str = field(default="aesthetic,hps", metadata={"help": f"task order, comma-separated; known: {', '.join(REWARDS)}"})
     tiny: bool = field(default=False, metadata={"help": "tiny random models built from code (CPU, no download)"})
+    random_weights: bool = field(default=False, metadata={"help": "SD1.5's architecture with random weights, built "
+                                                                  "from code (no download; for benchmarks)"})
     out_dir: str = field(default="runs/rid", metadata={"help": "output directory (holds no run yet, unless --resume)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out-dir from its last checkpoint"})
     checkpoint_every: int = field(default=50, metadata={"help": "write OUT/checkpoint.pt every this many steps "
@@ -95,6 +97,9 @@ class Args:
                                                                  "activations: far larger than L_out)"})
     feat_layers: str = field(default="mid_block,up_blocks.0,up_blocks.1",
                              metadata={"help": "UNet modules whose outputs are distilled, comma-separated"})
+    checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing of the K gradient steps and "
+                                                                "the VAE decode (--no-checkpointing keeps every "
+                                                                "activation: faster, memory grows with K)"})
     shared_adapter: bool = field(default=False, metadata={"help": "one LoRA adapter for all tasks instead of one each"})
     seed: int = field(default=0, metadata={"help": "random seed (LoRA init, prompts, noise)"})
     log_every: int = field(default=10, metadata={"help": "print a summary line every this many steps"})
@@ -114,7 +119,7 @@ MODE_DEFAULTS = {
 
 
 # Fields that may change when a run is resumed: they do not change what is computed (cpu: not on a CPU run).
-RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "cpu", "checkpoint_every", "max_bad_steps")
+RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "cpu", "checkpoint_every", "max_bad_steps", "checkpointing")
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -149,6 +154,8 @@ def read_prompts(path: str | None) -> list[str]:
 
 def check_args(args: Args) -> None:
     """Reject bad input with a UsageError that says what is wrong and how to fix it."""
+    if args.tiny and args.random_weights:
+        raise UsageError("--tiny and --random-weights exclude each other: give one")
     unknown = [name for name in reward_names(args) if name not in REWARDS]
     if unknown:
         raise UsageError(f"--rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
@@ -186,7 +193,7 @@ def check_resume_config(args: Args, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models: Stable Diffusion from the hub, or the same classes at tiny sizes with random weights.
+# Models: Stable Diffusion from the hub, or the same classes with random weights, at tiny sizes or at SD1.5's.
 
 def clip_tokenizer(tmp_dir: str) -> CLIPTokenizer:
     """Stable Diffusion's CLIP tokenizer, rebuilt from the BPE vocabulary that ships inside open_clip (no download).
@@ -199,17 +206,40 @@ def clip_tokenizer(tmp_dir: str) -> CLIPTokenizer:
     return CLIPTokenizer(f"{tmp_dir}/vocab.json", f"{tmp_dir}/merges.txt", model_max_length=77)
 
 
-def tiny_pipeline() -> StableDiffusionPipeline:
-    """SD1.5's classes at tiny sizes with random weights (a fixed seed, so every run gets the same base)."""
+# Architectures built from code, each a set of config dicts in the order the models are built (the order fixes which
+# random weights each model gets). TINY: SD1.5's classes at tiny sizes, for tests and --tiny. SD15_ARCHITECTURE:
+# stable-diffusion-v1-5's own unet/, vae/ and text_encoder/ config.json (sizes and layer types; the keys not given
+# here are the classes' defaults, which equal SD1.5's), for --random-weights.
+TINY = {
+    "unet": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32),
+    "vae": dict(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2),
+    "text_encoder": dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
+                         intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, vocab_size=49408),
+}
+SD15_ARCHITECTURE = {
+    "unet": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
+                 out_channels=4, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "vae": dict(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
+    "text_encoder": dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=768, intermediate_size=3072,
+                         num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
+                         projection_dim=768, hidden_act="quick_gelu", vocab_size=49408),
+}
+
+
+def random_pipeline(configs: dict) -> StableDiffusionPipeline:
+    """SD1.5's classes built from `configs` (TINY or SD15_ARCHITECTURE) with random weights, seeded so that every
+    run gets the same base; SD's tokenizer and noise schedule. Nothing is downloaded."""
     with seeded(0), tempfile.TemporaryDirectory() as tmp:
-        unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4,
-                                    out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
-        vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
-                                                    hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                                                    num_hidden_layers=5, vocab_size=49408))
+        unet = UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
         scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                   clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         return StableDiffusionPipeline(vae, text_encoder, clip_tokenizer(tmp), unet, scheduler, safety_checker=None,
@@ -220,10 +250,10 @@ WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 
 def load_pipeline(args: Args, device: torch.device, path: str | Path | None = None) -> StableDiffusionPipeline:
-    """The frozen base model with a DDIM scheduler, in --mixed-precision's dtype; the same object in tiny and full
-    mode. `path` loads a saved pipeline instead of building or downloading one (eval.py reloads a tiny run's base/)."""
-    if args.tiny and path is None:
-        pipe = tiny_pipeline()
+    """The frozen base model with a DDIM scheduler, in --mixed-precision's dtype; the same object in every mode.
+    `path` loads a saved pipeline instead of building or downloading one (eval.py reloads a tiny run's base/)."""
+    if (args.tiny or args.random_weights) and path is None:
+        pipe = random_pipeline(TINY if args.tiny else SD15_ARCHITECTURE)
     else:
         source = path or args.model
         with fetching(f"--model {source}", f"pre-download it with `hf download {source}` on a machine with "
@@ -273,7 +303,9 @@ def unet_eps(unet, x, t, text_emb, feat_layers=(), params=None):
     features = {}
 
     def keep(name):
-        return lambda module, inputs, output: features.__setitem__(name, output[0] if isinstance(output, tuple) else output)
+        def hook(module, inputs, output):
+            features[name] = output[0] if isinstance(output, tuple) else output  # down blocks return (h, skips)
+        return hook
 
     hooks = [unet.get_submodule(name).register_forward_hook(keep(name)) for name in feat_layers]
     try:
@@ -298,11 +330,16 @@ def distillation_losses(eps, feats, eps_teacher, feats_teacher):
     return l_out, l_feat
 
 
+def checkpointed(enabled: bool, fn, *inputs):
+    """fn(*inputs), in non-reentrant activation checkpointing if enabled: only the inputs and outputs are kept, and
+    the backward pass runs fn once more. Reentrant checkpointing would drop the LoRA gradients."""
+    return checkpoint(fn, *inputs, use_reentrant=False) if enabled else fn(*inputs)
+
+
 def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generator=None):
     """DDIM from x_T (B,4,h,w) to x_0 latents. Steps 1..T-k run under no_grad, the last k with gradients, each UNet
-    call in non-reentrant activation checkpointing (reentrant checkpointing drops LoRA gradients). With a teacher
-    (name -> LoRA tensor), also returns L_out and L_feat averaged over the k gradient steps; the teacher sees the
-    same input as the student, detached."""
+    call in activation checkpointing (unless --no-checkpointing). With a teacher (name -> LoRA tensor), also returns
+    L_out and L_feat averaged over the k gradient steps; the teacher sees the same input as the student, detached."""
     timesteps = pipe.scheduler.timesteps
     layers = args.feat_layers.split(",") if args.lambda_feat > 0 else ()
     losses = []
@@ -312,7 +349,7 @@ def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generato
             with torch.no_grad():
                 eps, _ = unet_eps(pipe.unet, x_in, t, text_emb)
         else:
-            eps, feats = checkpoint(unet_eps, pipe.unet, x_in, t, text_emb, layers, use_reentrant=False)
+            eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb, layers)
             if teacher is not None:
                 with torch.no_grad():
                     eps_t, feats_t = unet_eps(pipe.unet, x_in.detach(), t, text_emb, layers, params=teacher)
@@ -354,6 +391,14 @@ def add_task_adapter(unet: UNet2DConditionModel, name: str, rank: int) -> dict[s
     return trainable
 
 
+def new_teacher(params: dict[str, torch.nn.Parameter], args: Args) -> dict[str, torch.Tensor] | None:
+    """The EMA teacher at a task's start: a copy of the trainable LoRA tensors, i.e. the student as it is now. None
+    when both distillation weights are 0 (plain fine-tuning needs no teacher and pays nothing for one)."""
+    if args.lambda_out == 0 and args.lambda_feat == 0:
+        return None
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
 @torch.no_grad()
 def ema_update(teacher: dict[str, torch.Tensor], student: dict[str, torch.nn.Parameter], decay: float) -> None:
     """theta_T <- mu * theta_T + (1 - mu) * theta_S, in place. lerp is exact at both ends (mu = 0 and mu = 1)."""
@@ -392,7 +437,7 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
     batch, x_T, k = draw_batch(pipe, prompts, args, generator, process)
     with accelerator.autocast() if accelerator else contextlib.nullcontext():
         x0, l_out, l_feat = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator)
-        images = checkpoint(decode, pipe.vae, x0, use_reentrant=False)                    # (B, 3, H, W)
+        images = checkpointed(args.checkpointing, decode, pipe.vae, x0)                   # (B, 3, H, W)
         rewards = scorer(images, batch).float()                                           # (B,)
         l_reward = -args.reward_scale * rewards.mean()
         loss = l_reward + args.lambda_out * l_out + args.lambda_feat * l_feat
@@ -445,8 +490,7 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
     gradient is not finite is skipped (no update), logged and warned about; an fp16 loss-scale overflow is left to
     the grad scaler, which skips the step and lowers its scale. `resume`: a checkpoint taken inside this task, whose
     step, optimizer and teacher are restored (the model and generators already are)."""
-    uses_teacher = args.lambda_out > 0 or args.lambda_feat > 0
-    teacher = {n: p.detach().clone() for n, p in params.items()} if uses_teacher else None  # starts as the student
+    teacher = new_teacher(params, args)
     optimizer = accelerator.prepare(torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay))
     first = 0
     if resume is not None:

@@ -611,3 +611,58 @@ def test_a_training_step_in_bf16_on_cpu(tmp_path):
     assert not any(line["skipped"] for line in lines) and all(math.isfinite(line["loss"]) for line in lines)
     unet_weights = load_file(tmp_path / "bf16" / "base" / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in unet_weights.values()} == {torch.bfloat16}  # the frozen UNet ran (and was saved) in bf16
+
+
+# ---------------------------------------------------------------------------------------------- performance (issue 4)
+
+def test_sd15_architecture_is_built_from_the_real_configs_without_a_download(monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("--random-weights must not load anything")
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", no_download)
+    args = rid.resolve(rid.Args(random_weights=True))
+    with torch.device("meta"):  # the real shapes without allocating and initialising 1.07 billion weights
+        pipe = rid.load_pipeline(args, torch.device("meta"))
+    unet, vae, text = pipe.unet.config, pipe.vae.config, pipe.text_encoder.config
+    assert tuple(unet.block_out_channels) == (320, 640, 1280, 1280) and unet.cross_attention_dim == 768
+    assert unet.attention_head_dim == 8 and unet.layers_per_block == 2 and unet.sample_size == 64
+    assert vae.scaling_factor == 0.18215 and tuple(vae.block_out_channels) == (128, 256, 512, 512)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (768, 12, 12)
+    # SD1.5's parameter counts: UNet 859.52 M, VAE 83.65 M, text encoder 123.06 M.
+    counts = [sum(p.numel() for p in m.parameters()) for m in (pipe.unet, pipe.vae, pipe.text_encoder)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+    assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # SD's ids
+    assert args.resolution == 512 and args.num_steps == 50  # full-mode defaults
+    with pytest.raises(rid.UsageError, match="exclude each other"):
+        rid.check_args(rid.resolve(rid.Args(tiny=True, random_weights=True)))
+
+
+def test_checkpointing_off_gives_the_same_step_without_checkpoint_calls(monkeypatch):
+    calls = []
+    checkpoint = rid.checkpoint
+    monkeypatch.setattr(rid, "checkpoint", lambda *a, **kw: calls.append(None) or checkpoint(*a, **kw))
+    scorer = load_reward("aesthetic", "cpu", tiny=True)
+    steps = {}
+    for checkpointing in (True, False):
+        args, pipe, params, prompts, _ = tiny_setup(steps=3, k=2, checkpointing=checkpointing)
+        teacher = {n: p.detach() + 0.05 for n, p in params.items()}  # distillation terms non-zero
+        metrics = rid.train_step(pipe, scorer, prompts, teacher, args, torch.Generator().manual_seed(0))
+        steps[checkpointing] = metrics, [p.grad for p in params.values()], len(calls)
+    (metrics_on, grads_on, calls_on), (metrics_off, grads_off, calls_off) = steps[True], steps[False]
+    assert calls_on == 2 + 1 and calls_off == calls_on  # K UNet calls and the decode; none without checkpointing
+    torch.testing.assert_close(metrics_on, metrics_off, rtol=0, atol=0)  # the same step, bit for bit
+    assert metrics_on["loss_feat"] > 0
+    for g, g_ref in zip(grads_on, grads_off):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
+    evaluation.main(["--benchmark", "--tiny", "--num-steps", "2", "--resolution", "16", "--ks", "2", "--repeats", "1",
+                     "--reward", "compressibility", "--json", str(tmp_path / "b.json")])  # 2 fresh processes, not 6
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert set(result["seconds"]) == {"plain K=2", "rid K=2", "sampling"}
+    assert all(seconds > 0 for seconds in result["seconds"].values())
+    assert set(result["peak_memory_bytes"]) == {"K=2 checkpointing on", "K=2 checkpointing off"}
+    assert all(isinstance(n, int) and n > 0 for n in result["peak_memory_bytes"].values())
+    tables = capsys.readouterr().out
+    assert "| K | plain s/step | RID s/step | RID / plain |" in tables and "| 2 |" in tables
+    assert "peak MiB, checkpointing off" in tables and "T=2" in tables
