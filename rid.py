@@ -377,6 +377,11 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, args: Args) -> tor
 # ----------------------------------------------------------------------------------------------------------------
 # RID: the adapter group and the EMA teacher.
 
+def adapter_tensors(unet: UNet2DConditionModel, name: str) -> dict[str, torch.nn.Parameter]:
+    """The LoRA tensors (A and B of every targeted layer) of adapter `name`, by parameter name."""
+    return {n: p for n, p in unet.named_parameters() if f".{name}." in n}
+
+
 def add_task_adapter(unet: UNet2DConditionModel, name: str, rank: int) -> dict[str, torch.nn.Parameter]:
     """Add a fresh LoRA adapter (B = 0, so the model is unchanged), keep every adapter active, and make only the new
     one trainable: earlier tasks' adapters stay frozen, bit for bit. Returns the trainable tensors by name (fp32)."""
@@ -385,7 +390,7 @@ def add_task_adapter(unet: UNet2DConditionModel, name: str, rank: int) -> dict[s
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                     target_modules=LORA_TARGETS), adapter_name=name)
     unet.set_adapters(list(unet.peft_config))  # PEFT makes every active adapter trainable: re-freeze below
-    trainable = {n: p for n, p in unet.named_parameters() if f".{name}." in n}
+    trainable = adapter_tensors(unet, name)
     for n, p in unet.named_parameters():
         p.requires_grad_(n in trainable)
     for p in trainable.values():
@@ -478,7 +483,7 @@ def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str,
     or an adapter rebuilt from a checkpoint, which is then the last one added and so the trainable one)."""
     name = "shared" if args.shared_adapter else f"task{task}"
     if name in getattr(unet, "peft_config", {}):
-        return {n: p for n, p in unet.named_parameters() if f".{name}." in n}
+        return adapter_tensors(unet, name)
     return add_task_adapter(unet, name, args.lora_rank)
 
 
