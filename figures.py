@@ -151,7 +151,8 @@ def spans_decades(values: list[float], decades: float = 2) -> bool:
 def plot_terms(ax, segments, styles: dict[str, dict], log_if_spread: bool) -> None:
     """One line per metric key across the tasks, broken at task boundaries; styles[key]: its matplotlib keywords
     (label included). With log_if_spread and values spanning two decades, a log scale; values it cannot show
-    (exact zeros) are then marked on the bottom edge, one row of markers per key, instead of silently dropped."""
+    (zeros, e.g. L_out at a task's first step) are then marked on the bottom edge, one row of markers per key,
+    instead of silently dropped."""
     values = [line[key] for _, _, lines in segments for line in lines for key in styles]
     log = log_if_spread and spans_decades(values)
     if log:
@@ -159,14 +160,16 @@ def plot_terms(ax, segments, styles: dict[str, dict], log_if_spread: bool) -> No
     bottom_edge = ax.get_xaxis_transform()  # x in data, y in axes fraction
     for row, (key, style) in enumerate(styles.items()):
         style = {"linewidth": 1.2, "marker": ".", "markersize": 4, **style}  # a marker: a one-step task shows
-        for i, (_, steps, lines) in enumerate(segments):
+        off_scale = f"{style['label']} ≤ 0 (off the log scale)"
+        for _, steps, lines in segments:
             ys = [line[key] for line in lines]
             (drawn,) = ax.plot(steps, ys, **style)
             style = {**style, "color": drawn.get_color(), "label": None}  # one colour and legend entry per key
-            zeros = [g for g, y in zip(steps, ys) if y == 0]
-            if log and zeros:
-                ax.plot(zeros, [0.04 + 0.08 * row] * len(zeros), "v", color=drawn.get_color(), transform=bottom_edge,
-                        markersize=6, label=f"{styles[key]['label']} = 0 (not on a log scale)" if i == 0 else None)
+            non_positive = [g for g, y in zip(steps, ys) if y <= 0]
+            if log and non_positive:
+                ax.plot(non_positive, [0.04 + 0.08 * row] * len(non_positive), "v", color=drawn.get_color(),
+                        transform=bottom_edge, markersize=6, label=off_scale)
+                off_scale = None
 
 
 def mark_tasks_and_skips(ax, segments, skipped: list[int]) -> None:
