@@ -1,4 +1,4 @@
-"""Evaluate a reward-incremental run: the reward matrix, forgetting, structure drift, a plot and an image grid.
+"""Evaluate a reward-incremental run: the reward matrix, forgetting, structure drift, plots and an image grid.
 
 For the base model (row 0) and the model after each task i = 1..N (row i), generate images for fixed held-out prompts
 and seeds, the same x_T for every row, and score each image with every reward j of the run (plus --extra-rewards):
@@ -12,7 +12,7 @@ and seeds, the same x_T for every row, and score each image with every reward j 
 Rewards have very different scales (compressibility is about -37, a tiny aesthetic score about 0.08), so every
 number is also given in base standard deviations (G), where averages over rewards mean something.
 
-    python eval.py runs/tiny                          # writes eval.json, eval.md, eval_rewards.png, eval_grid.png
+    python eval.py runs/tiny                          # writes eval.json, eval.md, eval_*.png, training_curves.png
     python eval.py --compare runs/plain runs/rid      # one Markdown table from the runs' eval.json
     python eval.py --benchmark --tiny                 # seconds per step and peak memory, plain vs RID, K = 1, 5, 10
 """
@@ -31,11 +31,10 @@ from pathlib import Path
 
 import open_clip
 import torch
-from matplotlib.figure import Figure
 from torchmetrics.functional.image import structural_similarity_index_measure
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
+import figures
 import rid
 from rewards import REWARDS, Aesthetic, load_reward, seeded
 
@@ -183,15 +182,14 @@ def cost(run: Path) -> dict | None:
     if not (run / "metrics.jsonl").is_file():
         return None
     per_task = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        step = json.loads(line)
+    for step in figures.read_metrics(run / "metrics.jsonl"):
         per_task.setdefault(f"task{step['task']}_{step['reward']}", []).append(step["seconds"])
     return {task: {"steps": len(s), "seconds": sum(s), "seconds_per_step": sum(s) / len(s)}
             for task, s in per_task.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reports: eval.json, eval.md, the plot, the grid, and the comparison table.
+# Reports: eval.json, eval.md and the comparison table (the pictures are figures.py's).
 
 def fmt(value) -> str:
     return "–" if value is None else f"{value:.4g}"
@@ -240,33 +238,9 @@ def report_markdown(result: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
-    """Left: G[i][j] per reward across the sequence (forgetting shows as a fall after the reward's own task).
-    Right: SSIM to the base images across the sequence."""
-    fig = Figure(figsize=(11, 4), layout="tight")  # no pyplot: no global figure state, no display backend
-    ax_gain, ax_ssim = fig.subplots(1, 2)
-    x = range(len(result["rows"]))
-    for j, name in enumerate(result["rewards"]):
-        ax_gain.plot(x, [row[j] for row in result["gain_in_base_std"]], marker="o", label=name)
-        if result["learned_at"][j]:
-            ax_gain.axvline(result["learned_at"][j], color=ax_gain.lines[-1].get_color(), alpha=0.2, linewidth=6)
-    ax_gain.set(ylabel="reward change from base (base std)", title="rewards (bands: the task that trained each)")
-    ax_gain.legend()
-    ax_ssim.plot(x, result["structure_drift_ssim"], marker="o", color="black")
-    ax_ssim.set(ylabel="mean SSIM to base images", title="structure drift", ylim=(None, 1.02))
-    for ax in (ax_gain, ax_ssim):
-        ax.set_xticks(list(x), result["rows"], rotation=20)
-        ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
-
-
-def save_grid(rows: torch.Tensor, path: Path) -> None:
-    """rows (M, B, 3, H, W) -> one PNG, a row per prompt/seed and a column per model (base, task 1..N)."""
-    save_image(make_grid(rows.transpose(0, 1).flatten(0, 1), nrow=rows.shape[0], padding=2, pad_value=1.0), path)
-
-
 def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], opts: argparse.Namespace) -> dict:
-    """Generate, score and report one run; writes eval.json, eval.md, eval_rewards.png and eval_grid.png into it."""
+    """Generate, score and report one run; writes eval.json, eval.md, eval_rewards.png, eval_grid.png and (from its
+    metrics.jsonl) training_curves.png into it."""
     args, tasks = load_run(run)
     task_rewards = rid.reward_names(args)
     columns = list(dict.fromkeys(task_rewards + extra))
@@ -291,9 +265,15 @@ def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], 
     result["mean_forgetting_in_base_std"] = mean_defined(own)
     (run / "eval.json").write_text(json.dumps(result, indent=2))
     (run / "eval.md").write_text(report_markdown(result))
-    plot(result, run / "eval_rewards.png")
-    save_grid(rows, run / "eval_grid.png")
-    print(f"wrote {run}/eval.json, eval.md, eval_rewards.png, eval_grid.png")
+    figures.eval_rewards(result).savefig(run / "eval_rewards.png")
+    labels = [f"{prompt}\nseed {seed}" for seed in seeds for prompt in prompts]  # image s*P + p: prompt p, seed s
+    figures.image_grid(rows.transpose(0, 1), figures.model_titles(task_rewards), labels).save(run / "eval_grid.png")
+    written = "eval.json, eval.md, eval_rewards.png, eval_grid.png"
+    if (run / "metrics.jsonl").is_file():
+        figures.training_curves(figures.read_metrics(run / "metrics.jsonl"), args.grad_clip).savefig(
+            run / "training_curves.png")
+        written += ", training_curves.png"
+    print(f"wrote {run}/{written}")
     return result
 
 

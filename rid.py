@@ -47,10 +47,10 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
-from torchvision.utils import save_image
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, HfArgumentParser
 
+import figures
 from rewards import REWARDS, MissingWeights, fetching, load_reward, seeded
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -546,13 +546,22 @@ def summary(metrics: dict, args: Args) -> str:
             f"feat {metrics['loss_feat']:.3g}) grad {metrics['grad_norm']:.3g} {metrics['seconds']:.2f}s/step")
 
 
-def save_task(pipe, task_dir: Path, prompts: list[str], args: Args) -> None:
-    """The model after this task: one diffusers LoRA file (pytorch_lora_weights.safetensors) and a sample grid."""
+def save_task(pipe, out: Path, task: int, name: str, prompts: list[str], args: Args) -> None:
+    """The model after this task, in OUT/task{task}_{name}/: one diffusers LoRA file (pytorch_lora_weights.safetensors)
+    and samples.png, the first 4 prompts from fixed x_T without the LoRA adapters (base) and with them. Then the
+    run's training curves so far, OUT/training_curves.png."""
     grid_prompts = prompts[:4]
     latents = initial_latents(pipe, len(grid_prompts), args.resolution, torch.Generator().manual_seed(args.seed))
-    with atomic_dir(task_dir) as tmp:
+    with figures.adapters_disabled(pipe.unet):
+        base = generate(pipe, grid_prompts, latents, args)
+    images = torch.stack([base, generate(pipe, grid_prompts, latents, args)], dim=1)            # (4, 2, 3, H, W)
+    titles = figures.model_titles(reward_names(args))
+    grid = figures.image_grid(images, [titles[0], titles[task]], [f"{p}\nseed {args.seed}" for p in grid_prompts])
+    with atomic_dir(out / f"task{task}_{name}") as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora_state_dict(pipe.unet))
-        save_image(generate(pipe, grid_prompts, latents, args), tmp / "samples.png", nrow=len(grid_prompts))
+        grid.save(tmp / "samples.png")
+    curves = figures.training_curves(figures.read_metrics(out / "metrics.jsonl"), args.grad_clip)
+    atomic_write(out / "training_curves.png", lambda f: curves.savefig(f, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -710,7 +719,7 @@ def main(args: Args) -> StableDiffusionPipeline:
             inside = checkpoint if checkpoint and checkpoint["task"] == task and checkpoint["step"] > 0 else None
             train_task(pipe, scorers[name], prompts, params, args, task, name, progress, accelerator, inside)
             if is_main:
-                save_task(pipe, out / f"task{task}_{name}", prompts, args)
+                save_task(pipe, out, task, name, prompts, args)
                 save_checkpoint(pipe.unet, progress, task + 1, 0)  # the next task starts with a fresh optimizer
     accelerator.wait_for_everyone()
     accelerator.print(f"done: {out}")

@@ -10,6 +10,7 @@ import time
 import urllib.error
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from accelerate import Accelerator
@@ -17,8 +18,10 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub.errors import LocalEntryNotFoundError
 from peft import get_peft_model_state_dict
+from PIL import Image, ImageFont
 from safetensors.torch import load_file
 
+import figures
 import rewards
 import rid
 from rewards import OPENAI_MEAN, OPENAI_STD, Aesthetic, MissingWeights, TextImageCosine, clip_preprocess, \
@@ -222,6 +225,7 @@ def test_run_writes_its_outputs(run):
         assert (out / task_dir / "pytorch_lora_weights.safetensors").is_file()
         assert (out / task_dir / "samples.png").stat().st_size > 0
     assert (out / "base" / "model_index.json").is_file()
+    assert Image.open(out / "training_curves.png").size == (1200, 1200)  # rewritten at each task end
 
 
 def test_saved_loras_reproduce_the_trained_model_and_the_rewards_rise(run):
@@ -253,6 +257,52 @@ def test_earlier_adapter_is_bit_identical_after_the_next_task(run):
     now = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained.unet, adapter_name="task1"))
     assert len(now) == len(saved) > 0
     assert all(torch.equal(saved[f"unet.{key}"], value) for key, value in now.items())
+
+
+def grid_tiles(grid: Image.Image, rows: int, columns: int, side: int) -> torch.Tensor:
+    """The tiles of a figures.image_grid picture, (rows, columns, side, side, 3) uint8: they form its bottom-right
+    block, figures.PAD pixels apart and from the right and bottom edges."""
+    pixels = torch.from_numpy(numpy.array(grid.convert("RGB")))
+    height, width = pixels.shape[:2]
+    tops = [height - (rows - r) * (side + figures.PAD) for r in range(rows)]
+    lefts = [width - (columns - c) * (side + figures.PAD) for c in range(columns)]
+    return torch.stack([torch.stack([pixels[top:top + side, left:left + side] for left in lefts]) for top in tops])
+
+
+def upscaled(images: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, 3, h, w) in [0, 1] -> (N, side, side, 3) uint8, quantised as torchvision's save_image and resized by PIL's
+    nearest neighbour: an implementation independent of figures.to_pixels."""
+    quantised = images.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return torch.stack([torch.from_numpy(numpy.array(Image.fromarray(image).resize((side, side), Image.NEAREST)))
+                        for image in quantised])
+
+
+def test_samples_show_the_model_without_adapters_beside_the_trained_one(run):
+    """samples.png of the last task: column 0 equals the base model's images (saved base/, no LoRA) and column 1 the
+    trained model's, for the first 4 prompts from the run's seed. Disabling the adapters for the base column restores
+    the trained state exactly: outputs, active adapters and which LoRA tensors train (PEFT's enable_adapters alone
+    would make the frozen task-1 adapter trainable again)."""
+    args, trained, out = run
+    unet, prompts = trained.unet, rid.DEFAULT_PROMPTS[:4]
+    unet.set_adapters(["task1", "task2"])
+    for name, p in unet.named_parameters():
+        p.requires_grad_(".task2." in name)  # as at the end of training: task 2 trainable, task 1 and the UNet frozen
+    trainable, active = {n: p.requires_grad for n, p in unet.named_parameters()}, unet.active_adapters()
+    trained.scheduler.set_timesteps(args.num_steps)
+    latents = rid.initial_latents(trained, 4, args.resolution, torch.Generator().manual_seed(args.seed))
+    with_adapters = rid.generate(trained, prompts, latents, args)
+    with figures.adapters_disabled(unet):
+        without = rid.generate(trained, prompts, latents, args)
+    base = rid.load_pipeline(args, torch.device("cpu"), out / "base")
+    base.scheduler.set_timesteps(args.num_steps)
+    assert torch.equal(without, rid.generate(base, prompts, latents, args))
+    assert {n: p.requires_grad for n, p in unet.named_parameters()} == trainable and unet.active_adapters() == active
+    assert torch.equal(rid.generate(trained, prompts, latents, args), with_adapters)
+    assert not torch.equal(without, with_adapters)
+    side = args.resolution * figures.upscale_factor(args.resolution, args.resolution)
+    tiles = grid_tiles(Image.open(out / "task2_hps" / "samples.png"), 4, 2, side)
+    assert side >= figures.MIN_TILE
+    assert torch.equal(tiles[:, 0], upscaled(without, side)) and torch.equal(tiles[:, 1], upscaled(with_adapters, side))
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -297,7 +347,6 @@ def test_refuses_to_overwrite_a_run(tmp_path):
 
 # Imported here, not at the top, so that eval.py's tests stay in one section.
 import eval as evaluation  # noqa: E402
-from PIL import Image  # noqa: E402
 
 
 def test_forgetting_and_averages_on_hand_made_matrices():
@@ -331,6 +380,7 @@ def evaluated_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_run")
     rid.main(rid.Args(tiny=True, rewards="compressibility,aesthetic", steps_per_task=2, num_steps=4, resolution=16,
                       out_dir=str(out)))
+    (out / "training_curves.png").unlink()  # so that the test sees eval.py's own
     evaluation.main([str(out), "--num-prompts", "2", "--seeds", "0,1", "--extra-rewards", "hps"])
     return out
 
@@ -348,17 +398,23 @@ def test_eval_writes_every_output_with_its_shapes(evaluated_run):
     assert result["cost"]["task2_aesthetic"]["steps"] == 2
     assert "## Reward matrix" in (out / "eval.md").read_text()
     assert Image.open(out / "eval_rewards.png").size[0] > 0
-    # Grid: a row per prompt/seed (2 x 2), a column per model (3), 16 px images with 2 px padding.
-    assert Image.open(out / "eval_grid.png").size == (3 * 18 + 2, 4 * 18 + 2)
+    assert Image.open(out / "training_curves.png").size == (1200, 1200)  # eval.py's: the fixture removed rid.py's
+    # Grid: a row per prompt/seed (2 x 2), a column per model (3), 16 px images upscaled to 128 px tiles, 4 px apart,
+    # a strip of column titles above them and a column of labels left of them.
+    grid = Image.open(out / "eval_grid.png")
+    label_w, header_h = grid.width - 3 * 132 - 4, grid.height - 4 * 132
+    assert 0 < label_w <= figures.LABEL_WIDTH and header_h >= 20
     # The base row is the base model's images from each seed's x_T, independently regenerated and scored.
     args = rid.resolve(rid.Args(**json.loads((out / "config.json").read_text())))
     base = rid.load_pipeline(args, torch.device("cpu"), out / "base")
     base.scheduler.set_timesteps(args.num_steps)
     prompts = evaluation.EVAL_PROMPTS[:2]
     latents = torch.cat([rid.initial_latents(base, 2, 16, torch.Generator().manual_seed(s)) for s in (0, 1)])
+    images = rid.generate(base, prompts * 2, latents, args)  # (seed, prompt) order: s * 2 + p
     with torch.no_grad():
-        expected = load_reward("compressibility", "cpu")(rid.generate(base, prompts * 2, latents, args), prompts * 2)
+        expected = load_reward("compressibility", "cpu")(images, prompts * 2)
     assert result["reward_matrix"][0][0] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert torch.equal(grid_tiles(grid, 4, 3, 128)[:, 0], upscaled(images, 128))  # the base column, row by row
 
 
 def test_eval_compare_and_errors_through_the_command_line(evaluated_run, tmp_path):
@@ -379,6 +435,58 @@ def test_eval_compare_and_errors_through_the_command_line(evaluated_run, tmp_pat
         evaluation.load_run(tmp_path)
     with pytest.raises(rid.UsageError, match="no eval.json; run `python eval.py"):
         evaluation.compare([tmp_path])
+
+# ---------------------------------------------------------------------------------------------- pictures (issue 12)
+
+def test_image_grid_upscales_tiles_and_draws_titles_and_labels():
+    images = torch.rand(3, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0))  # (rows, columns, 3, H, W)
+    long_prompt = "a portrait of an old fisherman with a white beard, " * 6
+    grid = figures.image_grid(images, ["base", "after task 1 (aesthetic)"],
+                              ["a photo of a cat\nseed 0", f"{long_prompt}\nseed 1", "a dog\nseed 2"])
+    side = 128  # 16 px upscaled 8 times: the smallest integer factor reaching figures.MIN_TILE
+    label_w, header_h = grid.width - 2 * (side + figures.PAD) - figures.PAD, grid.height - 3 * (side + figures.PAD)
+    assert 20 <= header_h and 100 <= label_w <= figures.LABEL_WIDTH  # a line of titles; the long label is wrapped
+    tiles = grid_tiles(grid, 3, 2, side)
+    assert torch.equal(tiles, upscaled(images.flatten(0, 1), side).view(3, 2, side, side, 3))
+    pixels = torch.from_numpy(numpy.array(grid)).int().sum(-1)  # (H, W): 765 is white
+    left = grid.width - 2 * (side + figures.PAD)
+    for c in range(2):  # each column has a title above it, each row a label left of it
+        assert (pixels[:header_h, left + c * (side + figures.PAD):][:, :side] < 300).sum() > 20
+    for r in range(3):
+        assert (pixels[header_h + r * (side + figures.PAD):][:side, :left] < 300).sum() > 20
+    font = ImageFont.load_default(size=figures.FONT_SIZE)
+    lines = figures.fit_label(f"{long_prompt}\nseed 1", font, 200, max_lines=4)
+    assert len(lines) == 4 and lines[-1] == "seed 1" and lines[-2].endswith("…")
+    assert all(font.getlength(line) <= 200 for line in lines)
+    assert [figures.upscale_factor(s, s) for s in (16, 32, 48, 128, 512)] == [8, 4, 3, 1, 1]
+    assert figures.image_grid(torch.rand(1, 1, 3, 512, 512), ["base"], ["a cat\nseed 0"]).height < 512 + 60
+
+
+def test_training_curves_mark_tasks_zeros_and_skipped_steps(tmp_path):
+    """A hand-made metrics.jsonl: two tasks of 3 steps; the distillation terms are 0 at each task's first step and
+    span decades; step 2 (global) is skipped with a NaN loss and gradient."""
+    def line(task, reward, step, **values):
+        return {"task": task, "reward": reward, "step": step, "reward_mean": 0.1 * step, "reward_std": 0.01,
+                "loss": -1.0, "loss_reward": -1.0, "loss_out": 100.0 ** -step if step else 0.0, "loss_feat": 0.1 * step,
+                "k": 1.0, "grad_norm": 1.0, "skipped": False, "seconds": 0.5, **values}
+    lines = [line(1, "aesthetic", 0), line(1, "aesthetic", 1, loss=math.nan, grad_norm=math.nan, skipped=True),
+             line(1, "aesthetic", 2), line(2, "hps", 0), line(2, "hps", 1), line(2, "hps", 2)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    fig = figures.training_curves(figures.read_metrics(tmp_path / "metrics.jsonl"), grad_clip=5.0)
+    rewards_1, rewards_2, losses_1, losses_2, distillation, gradient, k = fig.axes  # per task, then the whole run
+    assert [rewards_1.get_title(), rewards_2.get_title()] == ["task 1: aesthetic", "task 2: hps"]
+    assert list(rewards_2.lines[0].get_xdata()) == [4, 5, 6] and losses_2.get_yscale() == "linear"
+    assert distillation.get_yscale() == "log"  # 1e-4 .. 0.2, and 0
+    zero_marks = [x for line in distillation.lines if line.get_marker() == "v" for x in line.get_xdata()]
+    assert sorted(zero_marks) == [1, 1, 4, 4]  # L_out and L_feat at each task's first step
+    for ax in (rewards_1, losses_1, distillation, gradient, k):  # the skipped step: a band over global step 2
+        assert [(p.get_x(), p.get_width()) for p in ax.patches if p.get_facecolor()[:3] == (1, 0, 0)] == [(1.5, 1.0)]
+    for ax in (distillation, gradient, k):  # the task boundary, between global steps 3 and 4
+        assert any(list(line.get_xdata()) == [3.5, 3.5] for line in ax.lines)
+    assert any(list(line.get_ydata()) == [5.0, 5.0] for line in gradient.lines)  # --grad-clip
+    fig.savefig(tmp_path / "curves.png")
+    assert Image.open(tmp_path / "curves.png").size == (1200, 1200)
+
 
 # ---------------------------------------------------------------------------------------------- reliability (issue 5)
 
