@@ -391,20 +391,29 @@ def adapter_tensors(unet: UNet2DConditionModel, name: str) -> dict[str, torch.nn
     return {n: p for n, p in unet.named_parameters() if f".{name}." in n}
 
 
+def lora_layers(unet: UNet2DConditionModel) -> list[BaseTunerLayer]:
+    """The UNet's layers that PEFT wrapped (every targeted linear), each holding its own copy of every adapter."""
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
 @contextlib.contextmanager
-def adapters_disabled(unet: UNet2DConditionModel):
+def adapters_disabled(unet: UNet2DConditionModel, layers: list[BaseTunerLayer] | None = None):
     """Run the UNet without its LoRA adapters inside the block (the base column of samples.png; the fast path),
-    then restore exactly the trained state. diffusers' enable_adapters() calls PEFT's set_adapter, which makes every
+    then restore exactly the trained state. PEFT's enable_adapters(True) calls set_adapter, which makes every
     active adapter trainable again (earlier tasks' frozen adapters included), so requires_grad is saved and
-    restored here."""
-    trainable = {name: p.requires_grad for name, p in unet.named_parameters()}
-    unet.disable_adapters()
+    restored. Layer by layer rather than diffusers' unet.disable_adapters(), which walks every module by name."""
+    layers = lora_layers(unet) if layers is None else layers
+    lora = [p for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
+    trainable = [p.requires_grad for p in lora]
+    for m in layers:
+        m.enable_adapters(False)
     try:
         yield unet
     finally:
-        unet.enable_adapters()
-        for name, p in unet.named_parameters():
-            p.requires_grad_(trainable[name])
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in zip(lora, trainable):
+            p.requires_grad_(flag)
 
 
 @contextlib.contextmanager
@@ -413,7 +422,7 @@ def adapters_folded(unet: UNet2DConditionModel):
     and the adapters switched off, so that a UNet call costs what the base model's does, whatever the number of
     tasks. W itself is kept aside and put back untouched afterwards (W += dW then W -= dW would drift by rounding).
     Costs one copy of the targeted weights while the block runs."""
-    layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    layers = [m for m in lora_layers(unet) if not m.disable_adapters]
     if not layers:  # no adapters yet, or already disabled (adapters_disabled)
         yield unet
         return
@@ -422,7 +431,7 @@ def adapters_folded(unet: UNet2DConditionModel):
         for m, (weight, w) in zip(layers, kept):
             weight.data = (w + sum(m.get_delta_weight(name) for name in m.active_adapters)).to(w.dtype)  # 1 rounding
     try:
-        with adapters_disabled(unet):
+        with adapters_disabled(unet, layers):
             yield unet
     finally:
         for weight, w in kept:
