@@ -31,6 +31,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from torch.utils.checkpoint import checkpoint
 from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
@@ -371,14 +372,20 @@ def bench_scorer(opts: argparse.Namespace, device: torch.device) -> torch.nn.Mod
     return load_reward(opts.reward, device, opts.tiny)
 
 
-def bench_setup(opts: argparse.Namespace, device: torch.device):
-    """The model, its LoRA adapter (task 1, the same for both methods), the scorer and AdamW over the LoRA."""
+def bench_setup(opts: argparse.Namespace, device: torch.device, tasks: int = 1):
+    """The model with `tasks` LoRA adapters (the last one trainable; earlier ones frozen with non-zero B, as after
+    training, so that they cost what trained adapters cost), the scorer, and AdamW over the trainable LoRA."""
     args = bench_args(opts, "rid", 1)
     pipe = rid.load_pipeline(args, device)
     rid.check_model_args(args, pipe)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     torch.manual_seed(args.seed)
-    params = rid.task_adapter(pipe.unet, args, task=1)
+    for task in range(1, tasks + 1):
+        params = rid.task_adapter(pipe.unet, args, task=task)
+        with torch.no_grad():
+            for name, p in params.items():
+                if task < tasks and "lora_B" in name:
+                    p.add_(0.01 * torch.randn_like(p))
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     return pipe, params, bench_scorer(opts, device), optimizer
 
@@ -391,6 +398,39 @@ def optimizer_step(pipe, scorer, params, teacher, optimizer, args: rid.Args, gen
     optimizer.step()
     if teacher is not None:
         rid.ema_update(teacher, params, args.ema_decay)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def minimal_loss(pipe, scorer, args: rid.Args, generator) -> torch.Tensor:
+    """The yardstick for rid.py's own overhead: a plain step's loss written as directly as diffusers allows, i.e.
+    the loop every reward-backprop trainer has. The same batch (rid.draw_batch), prompt embeddings and decode as
+    rid.py, the UNet called directly with its adapters active, the last k calls and the decode in non-reentrant
+    activation checkpointing as rid.py's default; none of rid.py's fast path."""
+    prompts, x, k = rid.draw_batch(pipe, rid.DEFAULT_PROMPTS, args, generator)
+    emb = rid.encode_prompts(pipe, prompts)
+
+    def guided_eps(x_in, t):
+        eps_uncond, eps_cond = pipe.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=emb).sample.chunk(2)
+        return eps_uncond + args.guidance_scale * (eps_cond - eps_uncond)
+
+    timesteps = pipe.scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        x_in = pipe.scheduler.scale_model_input(x, t)
+        if i < len(timesteps) - k:
+            with torch.no_grad():
+                eps = guided_eps(x_in, t)
+        else:
+            eps = checkpoint(guided_eps, x_in, t, use_reentrant=False)
+        x = pipe.scheduler.step(eps, t, x, eta=args.eta, generator=generator).prev_sample
+    images = checkpoint(rid.decode, pipe.vae, x, use_reentrant=False)
+    return -args.reward_scale * scorer(images, prompts).float().mean()
+
+
+def minimal_step(pipe, scorer, params, optimizer, args: rid.Args, generator) -> None:
+    """minimal_loss, backward, clipping and AdamW: a plain step without rid.py."""
+    minimal_loss(pipe, scorer, args, generator).backward()
+    torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -417,6 +457,12 @@ def step_times(opts: argparse.Namespace, ks: list[int], device: torch.device) ->
             teacher = rid.new_teacher(params, args)
             step = (pipe, scorer, params, teacher, optimizer, args, torch.Generator().manual_seed(0))
             jobs[f"{method} K={k}"] = lambda step=step: optimizer_step(*step)
+        minimal = (pipe, scorer, params, optimizer, bench_args(opts, "plain", k), torch.Generator().manual_seed(0))
+        jobs[f"minimal K={k}"] = lambda minimal=minimal: minimal_step(*minimal)
+    pipe3, params3, _, optimizer3 = bench_setup(opts, device, tasks=3)  # task 3: two frozen adapters, one trained
+    args = bench_args(opts, "rid", ks[0])  # plain trains one shared adapter: its task 3 is its task 1
+    step = (pipe3, scorer, params3, rid.new_teacher(params3, args), optimizer3, args, torch.Generator().manual_seed(0))
+    jobs[f"rid K={ks[0]} task 3"] = lambda step=step: optimizer_step(*step)
     sample_args = bench_args(opts, "plain", 1)
     prompts = rid.DEFAULT_PROMPTS[:sample_args.batch_size]
     latents = rid.initial_latents(pipe, len(prompts), sample_args.resolution, torch.Generator().manual_seed(0))
@@ -513,23 +559,28 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 def benchmark_tables(result: dict) -> str:
-    """The benchmark's results as two Markdown tables: time against K and sampling, memory against K."""
+    """The benchmark's results as two Markdown tables: time against K, a minimal loop and sampling; memory against
+    K; and the time of RID's task 3 (two frozen adapters) against its task 1."""
     t, seconds, memory = result["num_steps"], result["seconds"], result["peak_memory_bytes"]
     time_rows, memory_rows = [], []
     for k in result["ks"]:
         plain, rid_, floor = seconds[f"plain K={k}"], seconds[f"rid K={k}"], (t + 3 * k) / t
-        time_rows.append([str(k), plain, rid_, rid_ / plain, plain / seconds["sampling"], floor,
-                          plain / seconds["sampling"] / floor, rid_ / seconds["sampling"] / floor])
+        time_rows.append([str(k), plain, rid_, rid_ / plain, plain / seconds[f"minimal K={k}"],
+                          plain / seconds["sampling"], floor, plain / seconds["sampling"] / floor,
+                          rid_ / seconds["sampling"] / floor])
         on, off = memory[f"K={k} checkpointing on"], memory[f"K={k} checkpointing off"]
         first_on, first_off = (memory[f"K={result['ks'][0]} checkpointing {c}"] for c in ("on", "off"))
         memory_rows.append([str(k), mib(on), ratio(on, first_on), mib(off), ratio(off, first_off)])
     first = result["ks"][0]
+    task3 = seconds[f"rid K={first} task 3"]
     return "\n\n".join([
         f"{result['model']}, {result['resolution']} px, batch {result['batch_size']}, T={t}, reward "
         f"{result['reward']}, {result['device']}; medians of {result['repeats']} rounds; one sampling pass: "
         f"{seconds['sampling']:.4g} s",
-        markdown_table(["K", "plain s/step", "RID s/step", "RID / plain", "plain / sampling", "floor (T+3K)/T",
-                        "plain / sampling / floor", "RID / sampling / floor"], time_rows),
+        markdown_table(["K", "plain s/step", "RID s/step", "RID / plain", "plain / minimal loop", "plain / sampling",
+                        "floor (T+3K)/T", "plain / sampling / floor", "RID / sampling / floor"], time_rows),
+        f"RID at K={first}, task 3 (two frozen adapters) / task 1: {task3:.4g} s / {seconds[f'rid K={first}']:.4g} s"
+        f" = {task3 / seconds[f'rid K={first}']:.3f}",
         markdown_table(["K", "peak MiB, checkpointing on", f"on / on at K={first}", "peak MiB, checkpointing off",
                         f"off / off at K={first}"], memory_rows)])
 

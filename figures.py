@@ -7,7 +7,6 @@
 Each returns a PIL image or a matplotlib Figure; the callers write the files (rid.py atomically). Figures use
 matplotlib's object API, never pyplot: no global figure state and no display backend.
 """
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -105,21 +104,6 @@ def image_grid(images: torch.Tensor, column_titles: list[str], row_labels: list[
         for c in range(columns):
             grid.paste(to_pixels(images[r, c], factor), (label_w + PAD + c * (tile_w + PAD), y))
     return grid
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet):
-    """Run the UNet without its LoRA adapters inside the block (the base column of samples.png), then restore
-    exactly the trained state. diffusers' enable_adapters() calls PEFT's set_adapter, which makes every active
-    adapter trainable again (earlier tasks' frozen adapters included), so requires_grad is saved and restored here."""
-    trainable = {name: p.requires_grad for name, p in unet.named_parameters()}
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-        for name, p in unet.named_parameters():
-            p.requires_grad_(trainable[name])
 
 
 # ----------------------------------------------------------------------------------------------------------------

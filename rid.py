@@ -45,6 +45,7 @@ from accelerate import Accelerator
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -311,7 +312,8 @@ def unet_eps(unet, x, t, text_emb, feat_layers=(), params=None):
 
     hooks = [unet.get_submodule(name).register_forward_hook(keep(name)) for name in feat_layers]
     try:
-        inputs, kwargs = (torch.cat([x, x]).to(unet.dtype), t), {"encoder_hidden_states": text_emb}
+        # conv_in's dtype is the dtype the UNet's input meets; unet.dtype would walk every module on every call
+        inputs, kwargs = (torch.cat([x, x]).to(unet.conv_in.weight.dtype), t), {"encoder_hidden_states": text_emb}
         out = functional_call(unet, params, inputs, kwargs, strict=False) if params else unet(*inputs, **kwargs)
     finally:
         for hook in hooks:
@@ -338,25 +340,32 @@ def checkpointed(enabled: bool, fn, *inputs):
     return checkpoint(fn, *inputs, use_reentrant=False) if enabled else fn(*inputs)
 
 
+def ddim_step(pipe, eps: torch.Tensor, t, x: torch.Tensor, args: Args, generator=None) -> torch.Tensor:
+    """x_t (B,4,h,w) -> x_{t-1} from the CFG batch's eps (2B,4,h,w): guidance, then the DDIM update."""
+    return pipe.scheduler.step(guide(eps, args.guidance_scale), t, x, eta=args.eta, generator=generator).prev_sample
+
+
 def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generator=None):
-    """DDIM from x_T (B,4,h,w) to x_0 latents. Steps 1..T-k run under no_grad, the last k with gradients, each UNet
-    call in activation checkpointing (unless --no-checkpointing). With a teacher (name -> LoRA tensor), also returns
+    """DDIM from x_T (B,4,h,w) to x_0 latents. Steps 1..T-k run under no_grad with the LoRA folded into the weights
+    (the fast path: they are most UNet calls and need no graph), the last k with gradients, each UNet call in
+    activation checkpointing (unless --no-checkpointing). With a teacher (name -> LoRA tensor), also returns
     L_out and L_feat averaged over the k gradient steps; the teacher sees the same input as the student, detached."""
     timesteps = pipe.scheduler.timesteps
+    split = len(timesteps) - k
+    with torch.no_grad(), adapters_folded(pipe.unet):
+        for t in timesteps[:split]:
+            eps, _ = unet_eps(pipe.unet, pipe.scheduler.scale_model_input(x, t), t, text_emb)
+            x = ddim_step(pipe, eps, t, x, args, generator)
     layers = args.feat_layers.split(",") if args.lambda_feat > 0 else ()
     losses = []
-    for i, t in enumerate(timesteps):
+    for t in timesteps[split:]:
         x_in = pipe.scheduler.scale_model_input(x, t)
-        if i < len(timesteps) - k:
+        eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb, layers)
+        if teacher is not None:
             with torch.no_grad():
-                eps, _ = unet_eps(pipe.unet, x_in, t, text_emb)
-        else:
-            eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb, layers)
-            if teacher is not None:
-                with torch.no_grad():
-                    eps_t, feats_t = unet_eps(pipe.unet, x_in.detach(), t, text_emb, layers, params=teacher)
-                losses.append(distillation_losses(eps, feats, eps_t, feats_t))
-        x = pipe.scheduler.step(guide(eps, args.guidance_scale), t, x, eta=args.eta, generator=generator).prev_sample
+                eps_t, feats_t = unet_eps(pipe.unet, x_in.detach(), t, text_emb, layers, params=teacher)
+            losses.append(distillation_losses(eps, feats, eps_t, feats_t))
+        x = ddim_step(pipe, eps, t, x, args, generator)
     l_out, l_feat = (torch.stack(terms).mean() for terms in zip(*losses)) if losses else (x.new_zeros(()),) * 2
     return x, l_out, l_feat
 
@@ -380,6 +389,53 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, args: Args) -> tor
 def adapter_tensors(unet: UNet2DConditionModel, name: str) -> dict[str, torch.nn.Parameter]:
     """The LoRA tensors (A and B of every targeted layer) of adapter `name`, by parameter name."""
     return {n: p for n, p in unet.named_parameters() if f".{name}." in n}
+
+
+def lora_layers(unet: UNet2DConditionModel) -> list[BaseTunerLayer]:
+    """The UNet's layers that PEFT wrapped (every targeted linear), each holding its own copy of every adapter."""
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: UNet2DConditionModel, layers: list[BaseTunerLayer] | None = None):
+    """Run the UNet without its LoRA adapters inside the block (the base column of samples.png; the fast path),
+    then restore exactly the trained state. PEFT's enable_adapters(True) calls set_adapter, which makes every
+    active adapter trainable again (earlier tasks' frozen adapters included), so requires_grad is saved and
+    restored. Layer by layer rather than diffusers' unet.disable_adapters(), which walks every module by name."""
+    layers = lora_layers(unet) if layers is None else layers
+    lora = [p for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
+    trainable = [p.requires_grad for p in lora]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield unet
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in zip(lora, trainable):
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def adapters_folded(unet: UNet2DConditionModel):
+    """For calls without gradients: every active adapter folded into its layer, W' = W + sum_a (alpha/r) B_a A_a,
+    and the adapters switched off, so that a UNet call costs what the base model's does, whatever the number of
+    tasks. W itself is kept aside and put back untouched afterwards (W += dW then W -= dW would drift by rounding).
+    Costs one copy of the targeted weights while the block runs."""
+    layers = [m for m in lora_layers(unet) if not m.disable_adapters]
+    if not layers:  # no adapters yet, or already disabled (adapters_disabled)
+        yield unet
+        return
+    with torch.no_grad():
+        kept = [(m.get_base_layer().weight, m.get_base_layer().weight.data) for m in layers]
+        for m, (weight, w) in zip(layers, kept):
+            weight.data = (w + sum(m.get_delta_weight(name) for name in m.active_adapters)).to(w.dtype)  # 1 rounding
+    try:
+        with adapters_disabled(unet, layers):
+            yield unet
+    finally:
+        for weight, w in kept:
+            weight.data = w
 
 
 def add_task_adapter(unet: UNet2DConditionModel, name: str, rank: int) -> dict[str, torch.nn.Parameter]:
@@ -552,7 +608,7 @@ def save_task(pipe, out: Path, task: int, name: str, prompts: list[str], args: A
     run's training curves so far, OUT/training_curves.png."""
     grid_prompts = prompts[:4]
     latents = initial_latents(pipe, len(grid_prompts), args.resolution, torch.Generator().manual_seed(args.seed))
-    with figures.adapters_disabled(pipe.unet):
+    with adapters_disabled(pipe.unet):
         base = generate(pipe, grid_prompts, latents, args)
     images = torch.stack([base, generate(pipe, grid_prompts, latents, args)], dim=1)            # (4, 2, 3, H, W)
     titles = figures.model_titles(reward_names(args))
