@@ -590,13 +590,16 @@ def benchmark(opts: argparse.Namespace) -> dict:
 
 
 def cli(argv: list[str]) -> int:
-    """python eval.py ...: 0 done, 2 bad input, 74 a write failed; each failure one line on stderr."""
+    """python eval.py ...: 0 done, 2 bad input, 74 a write failed, 130 Ctrl-C; each failure one line on stderr."""
     try:
         main(argv)
         return 0
     except (rid.UsageError, MissingWeights, rid.WriteFailed) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
         return rid.EXIT_STATUS[type(error)]
+    except KeyboardInterrupt:  # every output is written whole (atomic_write) or not at all
+        print("eval.py: interrupted; the outputs written so far are complete", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

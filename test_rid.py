@@ -514,7 +514,7 @@ def prepare_eval_bad_inputs(run: Path, t: Path) -> None:
     lora.write_bytes(lora.read_bytes()[:lora.stat().st_size // 2])
 
 
-def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp_path, capsys):
+def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp_path, capsys, monkeypatch):
     """--compare prints a row per run and a mean ± std row; each bad input (eval.cli, in-process) exits with status
     2 and one line on stderr, and writes nothing."""
     assert evaluation.cli(["--compare", str(evaluated_run), str(evaluated_run)]) == 0
@@ -529,6 +529,9 @@ def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp
         assert status == 2, (case, stderr)
         assert len(stderr.strip().splitlines()) == 1 and message in stderr, (case, stderr)
     assert (snapshot(tmp_path), snapshot(evaluated_run)) == before
+    monkeypatch.setattr(evaluation, "generate_rows", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert evaluation.cli([str(evaluated_run)]) == 130  # Ctrl-C
+    assert capsys.readouterr().err.endswith("eval.py: interrupted; the outputs written so far are complete\n")
 
 # ---------------------------------------------------------------------------------------------- pictures (issue 12)
 
@@ -645,19 +648,26 @@ def lora_and_metrics(out: Path):
     return load_file(out / "task1_aesthetic" / LORA_FILE), steps
 
 
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """STOP_FLAGS run without interruption, for the tests that stop and resume it."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert rid.cli([*STOP_FLAGS, "--out-dir", str(out)]) == 0
+    return out
+
+
 def assert_same_run(out: Path, reference: Path) -> None:
     (lora, steps), (lora_ref, steps_ref) = lora_and_metrics(out), lora_and_metrics(reference)
     assert lora.keys() == lora_ref.keys() and all(torch.equal(lora[k], lora_ref[k]) for k in lora)
     assert steps == steps_ref and len(steps) == 4
 
 
-def test_sigterm_then_the_same_command_resumes_bit_identically_and_then_has_nothing_to_do(tmp_path, monkeypatch,
-                                                                                          capsys):
+def test_sigterm_then_the_same_command_resumes_bit_identically_and_then_has_nothing_to_do(reference_run, tmp_path,
+                                                                                          monkeypatch, capsys):
     """A preemptible job: the same command with --resume every time, starting on a directory that does not exist.
     SIGTERM (sent to this process, through rid.cli's real handler) arrives during step 3, off the checkpoint
     interval: the step finishes, is checkpointed, exit status 143 with one line; the rerun continues and ends with
     the uninterrupted run's weights and metrics; a third run has nothing to do and leaves metrics.jsonl alone."""
-    assert rid.cli([*STOP_FLAGS, "--out-dir", str(tmp_path / "reference")]) == 0
     command = [*STOP_FLAGS, "--out-dir", str(tmp_path / "job"), "--resume"]
     calls, train_step = [], rid.train_step
 
@@ -676,7 +686,7 @@ def test_sigterm_then_the_same_command_resumes_bit_identically_and_then_has_noth
     assert torch.load(tmp_path / "job" / "checkpoint.pt", weights_only=True)["step"] == 3
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed again
     assert rid.cli(command) == 0
-    assert_same_run(tmp_path / "job", tmp_path / "reference")
+    assert_same_run(tmp_path / "job", reference_run)
     metrics = (tmp_path / "job" / "metrics.jsonl").stat()
     monkeypatch.setattr(rid, "load_pipeline", None)  # nothing is built
     capsys.readouterr()
@@ -685,11 +695,11 @@ def test_sigterm_then_the_same_command_resumes_bit_identically_and_then_has_noth
     assert (tmp_path / "job" / "metrics.jsonl").stat().st_mtime_ns == metrics.st_mtime_ns
 
 
-def test_a_full_disk_gives_one_line_keeps_the_last_checkpoint_and_resume_continues(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_gives_one_line_keeps_the_last_checkpoint_and_resume_continues(reference_run, tmp_path,
+                                                                                    monkeypatch, capsys):
     """The second checkpoint write fails as torch.save fails on a full disk (measured on a 1 MiB tmpfs: a
     RuntimeError from its zip writer): exit status 74, one line naming the file and the intact checkpoint, no
     temporary file left; --resume with space continues to the uninterrupted run's weights and metrics."""
-    assert rid.cli([*STOP_FLAGS, "--out-dir", str(tmp_path / "reference")]) == 0
     out, saves, save = tmp_path / "full", [], torch.save
 
     def full_disk_on_the_second_save(obj, f):
@@ -708,7 +718,19 @@ def test_a_full_disk_gives_one_line_keeps_the_last_checkpoint_and_resume_continu
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
     assert not (out / "checkpoint.pt.tmp").exists()
     assert rid.cli([*STOP_FLAGS, "--out-dir", str(out), "--resume"]) == 0
-    assert_same_run(out, tmp_path / "reference")
+    assert_same_run(out, reference_run)
+
+
+def test_a_signal_while_the_models_are_built_stops_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    load_pipeline = rid.load_pipeline
+
+    def interrupted_load(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return load_pipeline(*args, **kwargs)
+    monkeypatch.setattr(rid, "load_pipeline", interrupted_load)
+    assert rid.cli([*STOP_FLAGS, "--out-dir", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err == "rid.py: stopped by SIGINT before training; nothing was written\n"
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_world_size_other_than_asked_is_refused(monkeypatch):
@@ -720,14 +742,16 @@ def test_a_world_size_other_than_asked_is_refused(monkeypatch):
     rid.check_world_size(2)
 
 
-def test_a_long_prompt_is_warned_about_once_in_one_short_line(tmp_path, capsys):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\n" + "a very long prompt " * 300 + "\n")
-    rid.main(small_args(tmp_path / "run", prompts=str(prompts), steps_per_task=2, checkpoint_every=10))
-    err = capsys.readouterr().err
-    assert err.count("warning: prompt 'a very long prompt a very long prompt a ...' has 1202 tokens; the text "
-                     "encoder reads the first 77") == 1
-    assert "truncated" not in err and len(err) < 2000
+def test_a_long_prompt_is_warned_about_once_in_one_short_line(capfd):
+    """Before: diffusers printed the truncated tail of the prompt on every encode (156 KB of stderr in 2 steps)."""
+    pipe = rid.random_pipeline(rid.TINY)
+    prompts = ["a cat", "a very long prompt " * 300]
+    rid.warn_long_prompts(pipe.tokenizer, prompts)
+    for _ in range(2):
+        rid.encode_prompts(pipe, prompts)
+    err = capfd.readouterr().err
+    assert err == ("warning: prompt 'a very long prompt a very long prompt a ...' has 1202 tokens; the text encoder "
+                   "reads the first 77\n")
 
 
 def nan_on_calls(bad_calls):
@@ -776,8 +800,7 @@ def test_resume_with_another_configuration_is_refused_naming_the_fields(tmp_path
 
 def test_missing_model_offline_gives_one_line_and_exit_status_2(tmp_path):
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    cases = {"hub id": (["--model", "no-such/model"], "`hf download no-such/model`"),
-             "local path": (["--model", str(tmp_path / "no_such_dir")], "no_such_dir: no such directory")}
+    cases = {"hub id": (["--model", "no-such/model"], "`hf download no-such/model`")}  # a path: BAD_INPUTS
     procs = {case: subprocess.Popen([sys.executable, str(HERE / "rid.py"), "--out-dir", str(tmp_path / "out"), *flags],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     env={**os.environ, **offline})
