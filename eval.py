@@ -31,13 +31,14 @@ from pathlib import Path
 
 import open_clip
 import torch
+from safetensors import SafetensorError, safe_open
 from torch.utils.checkpoint import checkpoint
 from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
 import figures
 import rid
-from rewards import REWARDS, Aesthetic, load_reward, seeded
+from rewards import REWARDS, Aesthetic, MissingWeights, load_reward, seeded
 
 # Held out: none of these is among rid.py's training prompts.
 EVAL_PROMPTS = [
@@ -47,9 +48,13 @@ EVAL_PROMPTS = [
 ]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     epilog="`python eval.py --benchmark --help`: the performance benchmark")
+class ArgumentParser(rid.OneLineErrors, argparse.ArgumentParser):
+    """argparse with one-line errors (rid.OneLineErrors)."""
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.split("\n")[0],
+                            epilog="`python eval.py --benchmark --help`: the performance benchmark")
     parser.add_argument("runs", nargs="+", help="run directories written by rid.py (evaluated one after another)")
     parser.add_argument("--compare", action="store_true",
                         help="print one side-by-side Markdown table from the runs' eval.json instead of evaluating")
@@ -59,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--extra-rewards", default="", help="rewards to score besides the run's own, comma-separated")
     parser.add_argument("--batch-size", type=int, default=8, help="images per generation or scoring call")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    return parser.parse_args(argv)
+    return parser.parse_flags(argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,15 +74,26 @@ def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     """The run's resolved rid.Args and its task directories (task{i}_{name}), checked to be complete."""
     if not (run / "config.json").is_file():
         raise rid.UsageError(f"{run}: no config.json; give a run directory written by rid.py")
-    args = rid.resolve(rid.Args(**json.loads((run / "config.json").read_text())))
+    args = rid.resolve(rid.Args(**rid.read_config(run / "config.json")))
     tasks = [run / f"task{i}_{name}" for i, name in enumerate(rid.reward_names(args), start=1)]
     for task in tasks:
         if not (task / "pytorch_lora_weights.safetensors").is_file():
             raise rid.UsageError(f"{run}: incomplete run, {task.name}/pytorch_lora_weights.safetensors is missing "
                                  "(did rid.py finish?)")
+        check_lora_file(task / "pytorch_lora_weights.safetensors")
     if args.tiny and not (run / "base" / "model_index.json").is_file():
         raise rid.UsageError(f"{run}: incomplete tiny run, base/model_index.json is missing")
     return args, tasks
+
+
+def check_lora_file(path: Path) -> None:
+    """The file is a complete safetensors file: safe_open checks that its header parses and covers the whole file."""
+    try:
+        with safe_open(path, "pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise rid.UsageError(f"{path} cannot be read ({error}); it is damaged or truncated: rerun that task with "
+                             "rid.py --resume from a checkpoint, or train the run again") from None
 
 
 def eval_settings(opts: argparse.Namespace) -> tuple[list[str], list[int], list[str]]:
@@ -247,6 +263,7 @@ def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], 
     columns = list(dict.fromkeys(task_rewards + extra))
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = rid.load_pipeline(args, device, run / "base" if args.tiny else None)
+    rid.warn_long_prompts(pipe.tokenizer, prompts)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     scorers = {name: load_reward(name, device, args.tiny) for name in columns}
 
@@ -264,17 +281,38 @@ def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], 
     }
     own = [f if name in task_rewards else None for name, f in zip(columns, result["forgetting_in_base_std"])]
     result["mean_forgetting_in_base_std"] = mean_defined(own)
-    (run / "eval.json").write_text(json.dumps(result, indent=2))
-    (run / "eval.md").write_text(report_markdown(result))
-    figures.eval_rewards(result).savefig(run / "eval_rewards.png")
     labels = [f"{prompt}\nseed {seed}" for seed in seeds for prompt in prompts]  # image s*P + p: prompt p, seed s
-    figures.image_grid(rows.transpose(0, 1), figures.model_titles(task_rewards), labels).save(run / "eval_grid.png")
-    written = "eval.json, eval.md, eval_rewards.png, eval_grid.png"
+    grid = figures.image_grid(rows.transpose(0, 1), figures.model_titles(task_rewards), labels)
+    outputs = {"eval.json": lambda f: f.write(json.dumps(result, indent=2).encode()),
+               "eval.md": lambda f: f.write(report_markdown(result).encode()),
+               "eval_rewards.png": lambda f: figures.eval_rewards(result).savefig(f, format="png"),
+               "eval_grid.png": lambda f: grid.save(f, format="png")}
     if (run / "metrics.jsonl").is_file():
-        figures.training_curves(figures.read_metrics(run / "metrics.jsonl"), args.grad_clip).savefig(
-            run / "training_curves.png")
-        written += ", training_curves.png"
+        curves = figures.training_curves(figures.read_metrics(run / "metrics.jsonl"), args.grad_clip)
+        outputs["training_curves.png"] = lambda f: curves.savefig(f, format="png")
+    for name, write in outputs.items():  # each complete or as it was: a full disk is one line (exit status 74)
+        rid.atomic_write(run / name, write)
+    written = ", ".join(outputs)
     print(f"wrote {run}/{written}")
+    return result
+
+
+EVAL_KEYS = ("rewards", "reward_matrix", "final_average_reward", "final_average_gain", "mean_forgetting_in_base_std",
+             "structure_drift_ssim", "cost")
+
+
+def read_eval(run: Path) -> dict:
+    """A run's eval.json, checked to hold what --compare reads; a damaged one is one line."""
+    if not (run / "eval.json").is_file():
+        raise rid.UsageError(f"{run}: no eval.json; run `python eval.py {run}` first")
+    try:
+        result = json.loads((run / "eval.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise rid.UsageError(f"{run}/eval.json cannot be read as JSON ({error}); run `python eval.py {run}` again") \
+            from None
+    missing = [key for key in EVAL_KEYS if key not in result] if isinstance(result, dict) else list(EVAL_KEYS)
+    if missing:
+        raise rid.UsageError(f"{run}/eval.json lacks {', '.join(missing)}; run `python eval.py {run}` again")
     return result
 
 
@@ -282,9 +320,7 @@ def compare(runs: list[Path]) -> str:
     """One Markdown table, a row per run from its eval.json, and a mean ± std row over the runs if several."""
     results = []
     for run in runs:
-        if not (run / "eval.json").is_file():
-            raise rid.UsageError(f"{run}: no eval.json; run `python eval.py {run}` first")
-        results.append(json.loads((run / "eval.json").read_text()))
+        results.append(read_eval(run))
     columns = list(dict.fromkeys(name for r in results for name in r["rewards"]))
 
     def values(r):
@@ -303,8 +339,7 @@ def compare(runs: list[Path]) -> str:
     return markdown_table(header, table)
 
 
-def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: list[str]) -> None:
     if "--benchmark" in argv:  # the performance benchmark (end of this file) has flags of its own
         benchmark(parse_benchmark_args(argv))
         return
@@ -334,7 +369,7 @@ BENCH_METHODS = {"plain": dict(lambda_out=0.0, lambda_feat=0.0, shared_adapter=T
 
 
 def parse_benchmark_args(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="eval.py --benchmark", description="Seconds per optimizer step of plain "
+    parser = ArgumentParser(prog="eval.py --benchmark", description="Seconds per optimizer step of plain "
                                      "fine-tuning and of RID, peak memory against K, and a training step against a "
                                      "sampling pass; one model, batch and T.")
     parser.add_argument("--benchmark", action="store_true", required=True, help="run the benchmark")
@@ -351,7 +386,7 @@ def parse_benchmark_args(argv) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", help="also write the results to this JSON file")
-    return parser.parse_args(argv)
+    return parser.parse_flags(argv)
 
 
 def bench_args(opts: argparse.Namespace, method: str, k: int, checkpointing: bool = True) -> rid.Args:
@@ -587,11 +622,12 @@ def benchmark_tables(result: dict) -> str:
 
 def benchmark(opts: argparse.Namespace) -> dict:
     """Run the benchmark; print its tables (and write --json). Returns every number."""
-    ks = [int(k) for k in opts.ks.split(",")]
     args = bench_args(opts, "rid", 1)
     t = args.num_steps
-    if not all(1 <= k <= t for k in ks) or opts.repeats <= 0:
-        raise rid.UsageError(f"--ks must be between 1 and --num-steps ({t}), and --repeats positive")
+    ks = [int(k) for k in opts.ks.split(",") if k.strip().isdigit()]
+    if len(ks) != len(opts.ks.split(",")) or not all(1 <= k <= t for k in ks) or opts.repeats <= 0:
+        raise rid.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), and --repeats "
+                             f"positive; got --ks {opts.ks} --repeats {opts.repeats}")
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = "tiny" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
@@ -600,13 +636,22 @@ def benchmark(opts: argparse.Namespace) -> dict:
               "seconds": step_times(opts, ks, device), "peak_memory_bytes": peak_memories(opts, ks)}
     print(benchmark_tables(result))
     if opts.json:
-        Path(opts.json).write_text(json.dumps(result, indent=2))
+        rid.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result
 
 
-if __name__ == "__main__":
+def cli(argv: list[str]) -> int:
+    """python eval.py ...: 0 done, 2 bad input, 74 a write failed, 130 Ctrl-C; each failure one line on stderr."""
     try:
-        main()
-    except rid.UsageError as error:
+        main(argv)
+        return 0
+    except (rid.UsageError, MissingWeights, rid.WriteFailed) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return rid.EXIT_STATUS[type(error)]
+    except KeyboardInterrupt:  # every output is written whole (atomic_write) or not at all
+        print("eval.py: interrupted; the outputs written so far are complete", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))

@@ -25,11 +25,14 @@ terms, the EMA schedule, which features are distilled) is our reading, with ever
 """
 import contextlib
 import dataclasses
+import difflib
 import json
+import logging
 import math
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 import open_clip
+import psutil
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -46,6 +50,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -86,7 +91,8 @@ class Args:
     batch_size: int | None = field(default=None, metadata={"help": "prompts per process and micro-batch [full 4, tiny 2]"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (gradient accumulation)"})
     resolution: int | None = field(default=None, metadata={"help": "image side in pixels [full 512, tiny 32]"})
-    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate [full 4e-4, tiny 3e-2]"})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate [full 4e-4, tiny 3e-2]",
+                                                      "aliases": ["--learning-rate"]})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (pulls LoRA towards the base)"})
     grad_clip: float = field(default=5.0, metadata={"help": "clip the LoRA gradient norm to this"})
     lora_rank: int = field(default=4, metadata={"help": "LoRA rank r of each adapter (alpha = r)"})
@@ -134,6 +140,59 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (too many non-finite steps): one line on stderr, exit status 3, checkpoint intact."""
 
 
+class WriteFailed(RuntimeError):
+    """A file could not be written (disk full, quota, read-only): one line naming it, exit status 74 (EX_IOERR); the
+    file's previous version, and so the last checkpoint, is intact."""
+
+
+class Interrupted(RuntimeError):
+    """SIGTERM or SIGINT: the current step was finished and checkpointed; exit status 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.status = 128 + signum
+
+
+EXIT_STATUS = {UsageError: 2, MissingWeights: 2, TrainingStopped: 3, WriteFailed: 74}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class OneLineErrors:
+    """An argparse mixin: a parse error (an unknown flag, a value of the wrong type) raises a UsageError, printed as
+    one line, instead of argparse's usage dump; an unknown flag gets the nearest known one as a suggestion."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+    def parse_flags(self, argv: list[str]):
+        """parse_known_args, refusing what is left over."""
+        known, unknown = self.parse_known_args(argv)
+        if unknown:
+            raise UsageError(unknown_argument(unknown[0], self))
+        return known
+
+
+def unknown_argument(argument: str, parser) -> str:
+    options = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    if not argument.startswith("-"):
+        return f"unexpected argument {argument!r}: every setting is a --flag (see --help)"
+    close = difflib.get_close_matches(argument.split("=")[0], options, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "see --help for the flags"
+    return f"unknown flag {argument}; {hint}"
+
+
+class ArgumentParser(OneLineErrors, HfArgumentParser):
+    def parse_args_into_args(self, argv: list[str]) -> Args:
+        return Args(**vars(self.parse_flags(argv)))
+
+
+def parse_args(argv: list[str]) -> Args:
+    return ArgumentParser(Args).parse_args_into_args(argv)
+
+
 def resolve(args: Args) -> Args:
     """Fill the per-mode defaults (fields left at None) from MODE_DEFAULTS."""
     defaults = MODE_DEFAULTS["tiny" if args.tiny else "full"]
@@ -145,52 +204,160 @@ def reward_names(args: Args) -> list[str]:
 
 
 def read_prompts(path: str | None) -> list[str]:
+    """One prompt a line from a UTF-8 text file; a binary or otherwise encoded file is refused, naming the byte."""
     if path is None:
         return DEFAULT_PROMPTS
     if not Path(path).is_file():
         raise UsageError(f"--prompts {path}: no such file; give a text file with one prompt a line")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise UsageError(f"--prompts {path}: cannot be read ({error.strerror})") from None
+    if b"\0" in data:
+        raise UsageError(f"--prompts {path}: a binary file (it holds NUL bytes); give a UTF-8 text file, one prompt a "
+                         "line")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"--prompts {path}: not UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}); save "
+                         "it as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE`") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"--prompts {path}: the file holds no prompt; write one prompt a line")
     return prompts
 
 
-def check_args(args: Args) -> None:
-    """Reject bad input with a UsageError that says what is wrong and how to fix it."""
+# Each float flag must be finite and satisfy its condition; the reason says what a value outside would silently do.
+NUMBER_RANGES = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v > 0, "> 0 (a negative max norm flips the gradient, 0 trains nothing)"),
+    "guidance_scale": (lambda v: True, ""),
+    "eta": (lambda v: 0 <= v <= 1, "in [0, 1] (0: deterministic DDIM, 1: DDPM's noise)"),
+    "reward_scale": (lambda v: v > 0, "> 0 (0 trains nothing, a negative scale minimises the reward)"),
+    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "lambda_out": (lambda v: v >= 0, ">= 0"),
+    "lambda_feat": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def check_numbers(args: Args) -> None:
+    """Integers positive and in range, floats finite and in their NUMBER_RANGES."""
+    for name in ("steps_per_task", "num_steps", "batch_size", "grad_accum", "resolution", "lora_rank", "log_every",
+                 "checkpoint_every", "max_bad_steps"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"{flag(name)} must be a positive integer, got {getattr(args, name)}")
+    if not 1 <= args.k <= args.num_steps:
+        raise UsageError(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
+    for name, (within, condition) in NUMBER_RANGES.items():
+        value = getattr(args, name)
+        if not (math.isfinite(value) and within(value)):
+            raise UsageError(f"{flag(name)} must be a finite number{' ' * bool(condition)}{condition}, got {value}")
+
+
+def check_feat_layer_names(args: Args) -> None:
+    """Empty names ("", "mid_block,,") would name the whole UNet; the rest is checked on the model."""
+    if any(not name.strip() for name in args.feat_layers.split(",")):
+        raise UsageError(f"--feat-layers {args.feat_layers!r} holds an empty module name; give comma-separated UNet "
+                         "module names, e.g. mid_block,up_blocks.0")
+
+
+def check_model_path(args: Args) -> None:
+    """A --model that looks like a path (or exists) must be a diffusers pipeline directory: otherwise the hub client
+    would call it an invalid repo id."""
+    if args.tiny or args.random_weights:
+        return
+    path = Path(args.model).expanduser()
+    looks_like_path = args.model.startswith(("/", ".", "~")) or args.model.count("/") > 1  # hub ids: "org/name"
+    if not path.exists() and looks_like_path:
+        raise UsageError(f"--model {args.model}: no such directory; give a diffusers pipeline directory (it holds "
+                         f"model_index.json) or a hub id such as {SD15}")
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise UsageError(f"--model {args.model}: not a diffusers pipeline directory (no model_index.json); give one, "
+                         "e.g. a tiny run's base/ directory, or a hub id")
+
+
+# What a run writes into --out-dir (eval.py adds eval*); a directory holding any of them is never written over.
+RUN_OUTPUTS = ("config.json", CHECKPOINT, "metrics.jsonl", "training_curves.png", "base", "task[0-9]*_*", "eval.json",
+               "eval.md", "eval_*.png")
+
+
+def run_outputs(out: Path) -> list[str]:
+    return sorted({p.name for pattern in RUN_OUTPUTS for p in out.glob(pattern) if not p.name.endswith(".tmp")})
+
+
+def check_writable(out: Path) -> None:
+    """--out-dir can be created and written to: probed with a temporary directory in its nearest existing parent,
+    which is removed at once (so that /proc/foo, a read-only mount or a missing permission fail before any work)."""
+    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--out-dir {out}: {existing} is a file; give a directory path")
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as error:
+        raise UsageError(f"--out-dir {out}: cannot write in {existing} ({error.strerror}); choose a writable "
+                         "directory") from None
+
+
+def check_out_dir(args: Args) -> bool:
+    """--out-dir is a writable directory that holds this run's config (with --resume) or no run output at all.
+    Returns whether the run is new (no config.json yet): --resume then starts it, as a preemptible job expects."""
+    if not args.out_dir.strip():
+        raise UsageError("--out-dir is empty; give a directory path, e.g. runs/rid")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out} is a file; give a directory path")
+    check_writable(out)
+    outputs = run_outputs(out) if out.is_dir() else []
+    if "config.json" in outputs:
+        if not args.resume:
+            raise UsageError(f"--out-dir {out} already holds a run; add --resume to continue it, or choose another "
+                             "directory")
+        check_resume_config(args, out)
+        return False
+    if outputs:
+        raise UsageError(f"--out-dir {out} holds run outputs ({', '.join(outputs[:4])}) but no config.json, so they "
+                         "cannot be resumed and will not be overwritten; choose another directory")
+    return True
+
+
+def check_args(args: Args) -> bool:
+    """Reject bad input with a UsageError that says what is wrong and how to fix it; everything that can be checked
+    without the model. Returns whether --out-dir holds no run yet."""
     if args.tiny and args.random_weights:
         raise UsageError("--tiny and --random-weights exclude each other: give one")
     unknown = [name for name in reward_names(args) if name not in REWARDS]
     if unknown:
         raise UsageError(f"--rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
-    for name in ("steps_per_task", "num_steps", "batch_size", "grad_accum", "resolution", "lora_rank", "log_every",
-                 "checkpoint_every", "max_bad_steps"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if not 1 <= args.k <= args.num_steps:
-        raise UsageError(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")
-    if not 0 <= args.ema_decay <= 1:
-        raise UsageError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
-    if args.lr <= 0 or min(args.lambda_out, args.lambda_feat, args.weight_decay) < 0:
-        raise UsageError("--lr must be positive and --lambda-out, --lambda-feat, --weight-decay non-negative")
-    out = Path(args.out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out-dir {out} is a file; give a directory path")
-    if args.resume:
-        check_resume_config(args, out)
-    elif (out / "config.json").exists():
-        raise UsageError(f"--out-dir {out} already holds a run; add --resume to continue it, or choose another "
-                         "directory")
+    check_numbers(args)
+    check_feat_layer_names(args)
+    check_model_path(args)
+    return check_out_dir(args)
+
+
+def read_config(path: Path) -> dict:
+    """A run's config.json as a dict of Args fields; a damaged one, or one from elsewhere, is one line."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path} cannot be read as JSON ({error}); it is damaged: restore it, or start a new run in "
+                         "another directory") from None
+    fields = {f.name for f in dataclasses.fields(Args)}
+    if not isinstance(config, dict) or not config.keys() <= fields:
+        extra = sorted(config.keys() - fields) if isinstance(config, dict) else type(config).__name__
+        raise UsageError(f"{path} is not a rid.py config (unexpected {extra}); give a run directory written by rid.py")
+    return config
 
 
 def check_resume_config(args: Args, out: Path) -> None:
     """--resume continues a run only with the configuration it was started with (up to RESUME_MAY_DIFFER)."""
-    if not (out / "config.json").is_file():
-        raise UsageError(f"--resume: --out-dir {out} holds no run (no config.json); drop --resume to start one")
-    saved, now = json.loads((out / "config.json").read_text()), dataclasses.asdict(args)
+    saved, now = read_config(out / "config.json"), dataclasses.asdict(args)
     differing = [key for key in sorted(saved.keys() | now.keys())
                  if key not in RESUME_MAY_DIFFER and saved.get(key) != now.get(key)]
     if differing:
-        changes = ", ".join(f"--{key.replace('_', '-')} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing)
+        changes = ", ".join(f"{flag(key)} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing)
         raise UsageError(f"--resume: the run in {out} was started with another configuration: {changes}; rerun with "
                          "its flags (see config.json) or choose another --out-dir")
 
@@ -270,14 +437,72 @@ def load_pipeline(args: Args, device: torch.device, path: str | Path | None = No
 
 
 def check_model_args(args: Args, pipe: StableDiffusionPipeline) -> None:
-    """Checks that need the model: the distilled layers exist, and the latent fits the UNet's downsampling."""
+    """Checks that need the model: the distilled layers exist and see the LoRA, the latent fits the UNet's
+    downsampling, and the activations of --resolution x --batch-size can fit in memory."""
     names = {name for name, _ in pipe.unet.named_modules()}
     for layer in args.feat_layers.split(","):
         if layer not in names:
             raise UsageError(f"--feat-layers: the UNet has no module {layer!r}; try mid_block, up_blocks.0, ...")
+    if args.lambda_feat > 0:
+        check_feat_layers_see_lora(pipe.unet, args.feat_layers.split(","))
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if args.resolution % multiple:
         raise UsageError(f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}")
+    check_memory(args, pipe)
+
+
+@torch.no_grad()
+def module_order(unet: UNet2DConditionModel, names: set[str]) -> list[str]:
+    """The modules in `names` in the order their forward passes finish, in one UNet call on the smallest latent."""
+    order = []
+    hooks = [unet.get_submodule(name).register_forward_hook(lambda *_, name=name: order.append(name)) for name in names]
+    side = 2 ** len(unet.config.block_out_channels)  # 2x2 at the deepest level (GroupNorm needs more than 1 value)
+    x = torch.zeros(1, unet.config.in_channels, side, side, device=unet.device, dtype=unet.dtype)
+    text = torch.zeros(1, 1, unet.config.cross_attention_dim, device=unet.device, dtype=unet.dtype)
+    try:
+        unet(x, 1, encoder_hidden_states=text)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
+
+
+def check_feat_layers_see_lora(unet: UNet2DConditionModel, layers: list[str]) -> None:
+    """A feature layer that runs before every LoRA layer (conv_in, a down block without attention) has the same
+    output for student and teacher, so its L_feat is 0 on every step by construction; one that never runs has none."""
+    targets = {name for name, _ in unet.named_modules() if name.endswith(tuple("." + t for t in LORA_TARGETS))}
+    order = module_order(unet, targets | set(layers))
+    first_lora = next(i for i, name in enumerate(order) if name in targets)
+    for layer in layers:
+        if layer not in order:
+            raise UsageError(f"--feat-layers: the UNet's forward pass never runs {layer!r}; give modules such as "
+                             "mid_block, up_blocks.0")
+        if order.index(layer) < first_lora:
+            raise UsageError(f"--feat-layers: {layer} runs before every LoRA layer, so its output never changes and "
+                             "L_feat would be 0 on every step; give modules after the first attention block, e.g. "
+                             "mid_block, up_blocks.0 (or --lambda-feat 0)")
+
+
+# The VAE decoder's last block works at full resolution with block_out_channels[0] channels; a training step holds at
+# least this many such (B, C0, H, W) tensors at its peak. Measured on CPU (VmHWM over one tiny RID step, checkpointing
+# on, after a warm-up step): 73 of them at 128 px batch 4 and at 256 px batch 2. 8 keeps the check a lower bound: it
+# refuses only sizes that cannot fit, and leaves the rest to the allocator.
+DECODER_FULL_RES_TENSORS = 8
+
+
+def check_memory(args: Args, pipe: StableDiffusionPipeline) -> None:
+    """Refuse a --resolution x --batch-size whose activations cannot fit in the device's memory, before allocating
+    them: the decoder's full-resolution activations, (B, C0, H, W) each, against the GPU's or the machine's memory."""
+    element = torch.finfo(pipe.vae.dtype).bits // 8
+    need = (DECODER_FULL_RES_TENSORS * args.batch_size * pipe.vae.config.block_out_channels[0] * args.resolution ** 2
+            * element)
+    device = pipe.device
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else psutil.virtual_memory().total)
+    if need > total:
+        raise UsageError(f"--resolution {args.resolution} with --batch-size {args.batch_size} needs more than "
+                         f"{need / 2 ** 30:.0f} GiB for the VAE decoder alone, and this {device.type} has "
+                         f"{total / 2 ** 30:.0f} GiB; lower them (--grad-accum keeps the effective batch)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -586,13 +811,20 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
         progress.log_line(json.dumps(metrics))
         bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
         if progress.bad_streak >= args.max_bad_steps:
+            last = (f"the last good checkpoint ({progress.saved_at}) is intact in {progress.out / CHECKPOINT}"
+                    if progress.saved_at != "none yet" else "no checkpoint was written yet")
             raise TrainingStopped(f"task {task} step {step}: {progress.bad_streak} steps in a row had a non-finite "
-                                  f"loss or gradient (--max-bad-steps {args.max_bad_steps}); stopped. The last good "
-                                  f"checkpoint ({progress.saved_at}) is intact in {progress.out / CHECKPOINT}")
+                                  f"loss or gradient (--max-bad-steps {args.max_bad_steps}); stopped; {last}")
         if (step + 1) % args.checkpoint_every == 0 and accelerator.is_main_process:
             save_checkpoint(pipe.unet, progress, task, step + 1, optimizer, teacher)
         if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task):
             bar.write(summary(metrics, args))
+        signum = stop_requested(accelerator)
+        if signum:  # the step is complete: checkpoint it, so that --resume continues exactly here
+            if accelerator.is_main_process:
+                save_checkpoint(pipe.unet, progress, task, step + 1, optimizer, teacher)
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} after task {task}, step {step + 1}, "
+                              f"checkpointed; rerun the same command with --resume to continue", signum)
 
 
 def summary(metrics: dict, args: Args) -> str:
@@ -634,12 +866,30 @@ def atomic_write(path: Path, write) -> None:
     is atomic, so `path` always holds either the old or the new content. RID_TEST_PAUSE_BEFORE_RENAME (seconds) holds
     the finished temporary file back, so that a test can kill the process in the middle of a checkpoint write."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    time.sleep(float(os.environ.get("RID_TEST_PAUSE_BEFORE_RENAME", 0)))
-    os.replace(tmp, path)
+    with failed_write(path, tmp):
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        time.sleep(float(os.environ.get("RID_TEST_PAUSE_BEFORE_RENAME", 0)))
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def failed_write(path: Path, tmp: Path | None = None):
+    """Turn a failed write inside the block (a full disk, a quota, a read-only file system) into one WriteFailed
+    naming `path`, and remove the partial temporary file or directory `tmp`. torch.save reports a full disk as a
+    RuntimeError from its zip writer ("unexpected pos"), safetensors as a SafetensorError."""
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        reason = getattr(error, "strerror", None)
+        if not reason:  # torch's and safetensors' writers wrap the system's error in their own words
+            existing = next(p for p in [path, *path.parents] if p.exists())
+            reason = f"{str(error).splitlines()[0]}; {shutil.disk_usage(existing).free / 2 ** 20:.1f} MiB free there"
+        raise WriteFailed(f"cannot write {path} ({reason})") from None
 
 
 @contextlib.contextmanager
@@ -648,14 +898,15 @@ def atomic_dir(path: Path):
     removing an old `path` and the rename leaves no directory, never a half one; the checkpoint taken before it was
     written lets --resume write it again."""
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            fsync_file(file)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with failed_write(path, tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                fsync_file(file)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
 
 
 @dataclass
@@ -672,15 +923,17 @@ class Progress:
     def log_line(self, line: str) -> None:
         """Append one metrics line (only the main process has a log; every process counts)."""
         if self.log is not None:
-            self.log.write(line + "\n")
-            self.log.flush()
+            with failed_write(self.out / "metrics.jsonl"):
+                self.log.write(line + "\n")
+                self.log.flush()
         self.lines += 1
 
 
 def save_checkpoint(unet, progress: Progress, task: int, step: int, optimizer=None, teacher=None) -> None:
     """Everything needed to continue at step `step` of task `task`. The global torch RNG state is included because
     the next task's LoRA initialisation draws from it."""
-    os.fsync(progress.log.fileno())  # the metric lines the checkpoint counts are on disk before it is
+    with failed_write(progress.out / "metrics.jsonl"):
+        os.fsync(progress.log.fileno())  # the metric lines the checkpoint counts are on disk before it is
     state = {"task": task, "step": step, "adapters": list(unet.peft_config),
              "lora": {n: p.detach() for n, p in unet.named_parameters() if "lora_" in n},
              "optimizer": optimizer.state_dict() if optimizer is not None else None, "teacher": teacher,
@@ -696,10 +949,46 @@ def load_checkpoint(out: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:
         raise UsageError(f"--resume: {path} cannot be read ({error}); delete it to restart the run from its "
                          "beginning") from None
+    missing = sorted(CHECKPOINT_KEYS - checkpoint.keys()) if isinstance(checkpoint, dict) else ["all"]
+    if missing:
+        raise UsageError(f"--resume: {path} is not a rid.py checkpoint (missing {', '.join(missing)}); delete it to "
+                         "restart the run from its beginning")
+    return checkpoint
+
+
+CHECKPOINT_KEYS = {"task", "step", "adapters", "lora", "optimizer", "teacher", "generator", "torch_rng",
+                   "metric_lines", "bad_streak"}
+
+
+def lora_shapes(unet: UNet2DConditionModel, adapters: list[str], rank: int) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every LoRA tensor that add_task_adapter gives `unet` for these adapters: for each
+    targeted Linear (in -> out), A (rank, in) and B (out, rank)."""
+    shapes = {}
+    for name, module in unet.named_modules():
+        if name.endswith(tuple("." + t for t in LORA_TARGETS)):
+            for adapter in adapters:
+                shapes[f"{name}.lora_A.{adapter}.weight"] = (rank, module.in_features)
+                shapes[f"{name}.lora_B.{adapter}.weight"] = (module.out_features, rank)
+    return shapes
+
+
+def check_checkpoint(checkpoint: dict, unet: UNet2DConditionModel, args: Args, path: Path) -> None:
+    """The checkpoint belongs to this run: its task and step are in range and its LoRA tensors have the names and
+    shapes this model and --lora-rank give (a checkpoint copied from a run with another rank does not)."""
+    if not (1 <= checkpoint["task"] <= len(reward_names(args)) and 0 <= checkpoint["step"] <= args.steps_per_task):
+        raise UsageError(f"--resume: {path} is at task {checkpoint['task']}, step {checkpoint['step']}, outside this "
+                         "run's tasks and steps; delete it to restart the run from its beginning")
+    expected = lora_shapes(unet, checkpoint["adapters"], args.lora_rank)
+    found = {name: tuple(tensor.shape) for name, tensor in checkpoint["lora"].items()}
+    wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+    if wrong:
+        raise UsageError(f"--resume: {path} does not fit this model and --lora-rank {args.lora_rank} ({wrong[0]}: "
+                         f"{found.get(wrong[0], 'missing')}, expected {expected.get(wrong[0], 'none')}); it comes from "
+                         "another run: delete it to restart")
 
 
 def restore(unet, args: Args, progress: Progress, checkpoint: dict) -> None:
@@ -707,8 +996,6 @@ def restore(unet, args: Args, progress: Progress, checkpoint: dict) -> None:
     for name in checkpoint["adapters"]:
         add_task_adapter(unet, name, args.lora_rank)
     params = dict(unet.named_parameters())
-    if not checkpoint["lora"].keys() <= params.keys():
-        raise UsageError(f"--resume: {progress.out / CHECKPOINT} does not fit this model; delete it to restart")
     with torch.no_grad():
         for name, tensor in checkpoint["lora"].items():
             params[name].copy_(tensor)
@@ -720,39 +1007,61 @@ def restore(unet, args: Args, progress: Progress, checkpoint: dict) -> None:
 
 def keep_lines(path: Path, n: int) -> None:
     """Cut `path` back to its first n lines: the steps after the checkpoint are run, and logged, again."""
-    lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
+    with failed_write(path):
+        lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
     atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
-def write_run_files(args: Args, out: Path, pipe) -> None:
+def write_run_files(args: Args, out: Path, pipe, new: bool) -> None:
     """config.json for a new run, and for --tiny the base pipeline, so that diffusers and eval.py can load base + LoRA
     later. Main process only."""
-    if not args.resume:
-        out.mkdir(parents=True, exist_ok=True)
+    if new:
+        with failed_write(out):
+            out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=2).encode()))
     if args.tiny and not (out / "base").exists():
         with atomic_dir(out / "base") as tmp:
             pipe.save_pretrained(tmp)
 
 
-def main(args: Args) -> StableDiffusionPipeline:
-    """Train the reward sequence, or continue it with --resume; returns the pipeline with the trained adapters.
-    Runs as one process (`python rid.py`) or data parallel (`accelerate launch rid.py`); only the main process writes."""
+def resume_hint(progress: Progress) -> str:
+    if progress.saved_at == "none yet":
+        return "no checkpoint was written yet; rerun the same command with --resume to start again"
+    return f"the last checkpoint ({progress.saved_at}) is intact; rerun the same command with --resume to continue"
+
+
+def main(args: Args) -> StableDiffusionPipeline | None:
+    """Train the reward sequence, or continue it with --resume; returns the pipeline with the trained adapters (None
+    if a resumed run was already complete). Runs as one process (`python rid.py`) or data parallel (`accelerate
+    launch rid.py`); only the main process writes. Everything is checked before the first byte is written."""
     args = resolve(args)
-    check_args(args)
+    new = check_args(args)
     prompts = read_prompts(args.prompts)
     out = Path(args.out_dir)
     checkpoint = load_checkpoint(out) if args.resume else None
+    if checkpoint is not None and checkpoint["task"] > len(reward_names(args)):
+        print(f"{out}: all {len(reward_names(args))} tasks are done; nothing to do", file=sys.stderr)
+        return None
     # cpu=True without a GPU too: Accelerate recognises several CPU processes (gloo) only when told to use the CPU.
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
+    check_world_size(accelerator.num_processes)
     is_main = accelerator.is_main_process
     pipe = load_pipeline(args, accelerator.device)
     check_model_args(args, pipe)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint, pipe.unet, args, out / CHECKPOINT)
+    if is_main:
+        warn_long_prompts(pipe.tokenizer, prompts)
     scorers = {name: load_reward(name, accelerator.device, args.tiny) for name in dict.fromkeys(reward_names(args))}
     pipe.scheduler.set_timesteps(args.num_steps, device=accelerator.device)
     accelerator.wait_for_everyone()  # every process has checked --out-dir before the main one writes to it
+    signum = stop_requested(accelerator)
+    if signum:  # SIGTERM or Ctrl-C while the models were built
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} before training; nothing was written", signum)
     if is_main:
-        write_run_files(args, out, pipe)
+        if args.resume and new:
+            print(f"--resume: {out} holds no run yet; starting it", file=sys.stderr)
+        write_run_files(args, out, pipe, new)
         print(f"effective batch: {args.batch_size} per process x {accelerator.num_processes} processes x "
               f"{args.grad_accum} accumulation = {args.batch_size * accelerator.num_processes * args.grad_accum}")
 
@@ -761,34 +1070,142 @@ def main(args: Args) -> StableDiffusionPipeline:
     if checkpoint is not None:
         restore(pipe.unet, args, progress, checkpoint)
         accelerator.print(f"resuming {out} at {progress.saved_at}", file=sys.stderr)
-    elif args.resume:
+    elif args.resume and not new:
         accelerator.print(f"resuming {out}: it stopped before its first checkpoint, so it restarts from the top",
                           file=sys.stderr)
-    if is_main:
-        keep_lines(out / "metrics.jsonl", progress.lines)
+    try:
+        train(pipe, scorers, prompts, args, progress, accelerator, checkpoint)
+    except WriteFailed as error:
+        raise WriteFailed(f"{error}; {resume_hint(progress)}") from None
+    accelerator.wait_for_everyone()
+    accelerator.print(f"done: {out}")
+    return pipe
+
+
+def train(pipe, scorers, prompts, args: Args, progress: Progress, accelerator, checkpoint) -> None:
+    """Every task from the checkpoint's on: train it, then write its outputs and a checkpoint at the next task."""
+    if accelerator.is_main_process:
+        keep_lines(progress.out / "metrics.jsonl", progress.lines)
     first_task = checkpoint["task"] if checkpoint else 1
-    with open(out / "metrics.jsonl", "a") if is_main else contextlib.nullcontext() as progress.log:
+    log = open(progress.out / "metrics.jsonl", "a") if accelerator.is_main_process else contextlib.nullcontext()
+    with log as progress.log:
         for task, name in enumerate(reward_names(args), start=1):
             if task < first_task:
                 continue  # done: its outputs were written before the checkpoint that follows it
             params = task_adapter(pipe.unet, args, task)
             inside = checkpoint if checkpoint and checkpoint["task"] == task and checkpoint["step"] > 0 else None
             train_task(pipe, scorers[name], prompts, params, args, task, name, progress, accelerator, inside)
-            if is_main:
-                save_task(pipe, out, task, name, prompts, args)
+            if accelerator.is_main_process:
+                save_task(pipe, progress.out, task, name, prompts, args)
                 save_checkpoint(pipe.unet, progress, task + 1, 0)  # the next task starts with a fresh optimizer
-    accelerator.wait_for_everyone()
-    accelerator.print(f"done: {out}")
-    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: one line on stderr and a documented exit status for every bad input and fault.
+
+def launcher_processes() -> int | None:
+    """The --num_processes that `accelerate launch` was given, read from the parent process's command line (its
+    single-process launcher passes nothing on to the script), or None when not started by accelerate launch."""
+    try:
+        command = psutil.Process(os.getppid()).cmdline()
+    except psutil.Error:
+        return None
+    if not any(Path(part).name.startswith("accelerate") for part in command[:2]) or "launch" not in command:
+        return None
+    for i, part in enumerate(command):
+        option, _, value = part.partition("=")
+        if option in ("--num_processes", "--num-processes"):
+            value = value or (command[i + 1] if i + 1 < len(command) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def check_world_size(processes: int) -> None:
+    asked = launcher_processes()
+    if asked is not None and asked != processes:
+        raise UsageError(f"accelerate launch was asked for {asked} processes but started {processes} (without "
+                         "--multi_gpu it starts one; on CPU use `python -m torch.distributed.run --nproc_per_node "
+                         f"{asked} rid.py ...`)")
+
+
+class DropLibraryNoise(logging.Filter):
+    """Library warnings that would repeat what warn_long_prompts says once per prompt (diffusers repeats a truncated
+    prompt's tail on every encode), or that say nothing (diffusers warns about casting even when no module needs
+    float32: "[]"). Installed on their loggers when rid is imported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(("The following part of your input was truncated",
+                                        "Token indices sequence length is longer"))
+                    or "should be kept in float32: []" in message)
+
+
+for _logger in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion", "diffusers.models.modeling_utils",
+                "transformers.tokenization_utils_base"):
+    logging.getLogger(_logger).addFilter(DropLibraryNoise())
+
+
+def warn_long_prompts(tokenizer, prompts: list[str]) -> None:
+    """One short warning per prompt longer than the text encoder reads (77 tokens for SD's CLIP)."""
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        tokens = len(tokenizer(prompt, verbose=False).input_ids)
+        if tokens > limit:
+            short = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+            print(f"warning: prompt {short!r} has {tokens} tokens; the text encoder reads the first {limit}",
+                  file=sys.stderr)
+
+
+# Set by the first SIGTERM or SIGINT: the training loop finishes its step, writes a checkpoint and stops.
+STOP_REQUESTS: list[int] = []
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_gracefully():
+    """Inside the block, SIGTERM (what SLURM, Kubernetes and spot instances send before killing) and SIGINT (Ctrl-C)
+    are recorded in STOP_REQUESTS instead of killing the process; a second one aborts at once (KeyboardInterrupt)."""
+    def request(signum, frame):
+        if STOP_REQUESTS:
+            raise KeyboardInterrupt
+        STOP_REQUESTS.append(signum)
+
+    STOP_REQUESTS.clear()
+    previous = {signum: signal.signal(signum, request) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        STOP_REQUESTS.clear()
+
+
+def stop_requested(accelerator) -> int | None:
+    """The signal that asked to stop, on any process (all processes stop after the same step), or None."""
+    signum = STOP_REQUESTS[0] if STOP_REQUESTS else 0
+    if accelerator.num_processes > 1:
+        signum = int(accelerator.reduce(torch.tensor([signum], device=accelerator.device), reduction="sum").max())
+    return signum or None
+
+
+def cli(argv: list[str]) -> int:
+    """python rid.py FLAGS: 0 done, 2 bad input, 3 diverged, 74 a write failed, 130/143 interrupted (SIGINT/SIGTERM),
+    each failure one line on stderr."""
+    try:
+        with stop_gracefully():
+            main(parse_args(argv))
+        return 0
+    except (UsageError, MissingWeights, TrainingStopped, WriteFailed) as error:
+        print(f"rid.py: error: {error}", file=sys.stderr)
+        return EXIT_STATUS[type(error)]
+    except Interrupted as error:
+        print(f"rid.py: {error}", file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:
+        print("rid.py: aborted; rerun the same command with --resume to continue from the last checkpoint",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-    (cli_args,) = HfArgumentParser(Args).parse_args_into_dataclasses()
-    try:
-        main(cli_args)
-    except (UsageError, MissingWeights) as error:
-        print(f"rid.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingStopped as error:
-        print(f"rid.py: error: {error}", file=sys.stderr)
-        sys.exit(3)
+    sys.exit(cli(sys.argv[1:]))
