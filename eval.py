@@ -29,7 +29,6 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-import open_clip
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.checkpoint import checkpoint
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 import figures
 import rid
-from rewards import REWARDS, Aesthetic, MissingWeights, load_reward, seeded
+from rewards import REWARDS, TOWER_CONFIGS, Aesthetic, MissingWeights, clip_tower, load_reward, seeded
 
 # Held out: none of these is among rid.py's training prompts.
 EVAL_PROMPTS = [
@@ -127,11 +126,11 @@ def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int],
     for task in [None, *tasks]:
         if task is not None:
             pipe.load_lora_weights(task)
-        torch.manual_seed(0)  # the same DDIM noise in every row when eta > 0
+        generator = torch.Generator().manual_seed(0)  # the same DDIM noise in every row when eta > 0
         images = []
         for start in chunks:
             end = start + batch_size
-            images.append(rid.generate(pipe, all_prompts[start:end], latents[start:end], args).cpu())
+            images.append(rid.generate(pipe, all_prompts[start:end], latents[start:end], args, generator).cpu())
             bar.update()
         rows.append(torch.cat(images))
         pipe.unload_lora_weights()
@@ -141,14 +140,16 @@ def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int],
 
 @torch.no_grad()
 def score_rows(rows: torch.Tensor, prompts: list[str], scorers: dict, device, batch_size: int) -> torch.Tensor:
-    """Every reward of every image: rows (M, B, 3, H, W), B prompts -> scores (M, B, J), J = len(scorers)."""
+    """Every reward of every image: rows (M, B, 3, H, W), B prompts -> scores (M, B, J), J = len(scorers). In fp32,
+    as in training (rid.score)."""
     scores = torch.zeros(*rows.shape[:2], len(scorers))
     bar = tqdm(total=rows.shape[0] * len(scorers), desc="scoring", dynamic_ncols=True)
     for j, scorer in enumerate(scorers.values()):
         for i, row in enumerate(rows):
             for start in range(0, len(prompts), batch_size):
                 images = row[start:start + batch_size].to(device)
-                scores[i, start:start + batch_size, j] = scorer(images, prompts[start:start + batch_size]).float().cpu()
+                batch_prompts = prompts[start:start + batch_size]
+                scores[i, start:start + batch_size, j] = rid.score(scorer, images, batch_prompts).cpu()
             bar.update()
     bar.close()
     return scores
@@ -383,6 +384,8 @@ def parse_benchmark_args(argv) -> argparse.Namespace:
     parser.add_argument("--reward", default="aesthetic", choices=["aesthetic", "compressibility"],
                         help="aesthetic: the CLIP ViT-L/14 tower of the real step (random weights with "
                              "--random-weights); compressibility: no tower")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"],
+                        help="rid.py's precision policy to time (bf16: see README, Precision)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the median is reported)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", help="also write the results to this JSON file")
@@ -393,7 +396,7 @@ def bench_args(opts: argparse.Namespace, method: str, k: int, checkpointing: boo
     """rid.Args of one benchmark configuration: the mode's defaults, the benchmark's model, batch and T."""
     sizes = {name: getattr(opts, name) for name in ("resolution", "num_steps", "batch_size")}
     args = rid.Args(tiny=opts.tiny, random_weights=opts.random_weights, rewards=opts.reward, k=k,
-                    checkpointing=checkpointing, **BENCH_METHODS[method], **sizes)
+                    mixed_precision=opts.mixed_precision, checkpointing=checkpointing, **BENCH_METHODS[method], **sizes)
     return rid.resolve(args)
 
 
@@ -402,7 +405,7 @@ def bench_scorer(opts: argparse.Namespace, device: torch.device) -> torch.nn.Mod
     ViT-L/14 and the 768-1024-128-64-16-1 MLP) with random weights: a real step's cost, no download."""
     if opts.random_weights and opts.reward == "aesthetic":
         with seeded(1):
-            scorer = Aesthetic(open_clip.create_model("ViT-L-14", pretrained=None), dim=768)
+            scorer = Aesthetic(clip_tower(TOWER_CONFIGS["aesthetic"]), dim=768)
         return scorer.requires_grad_(False).eval().to(device)
     return load_reward(opts.reward, device, opts.tiny)
 
@@ -427,13 +430,10 @@ def bench_setup(opts: argparse.Namespace, device: torch.device, tasks: int = 1):
 
 def optimizer_step(pipe, scorer, params, teacher, optimizer, args: rid.Args, generator) -> None:
     """One optimizer step as rid.train_task takes it: train_step (sample with gradients through the last K steps,
-    score, backward), gradient clipping, AdamW, and for RID the EMA teacher update."""
-    rid.train_step(pipe, scorer, rid.DEFAULT_PROMPTS, teacher, args, generator)
-    torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
-    optimizer.step()
-    if teacher is not None:
-        rid.ema_update(teacher, params, args.ema_decay)
-    optimizer.zero_grad(set_to_none=True)
+    score, backward), then rid.optimizer_update (gradient clipping, AdamW, and for RID the EMA teacher update)."""
+    scaler = torch.amp.GradScaler(enabled=False)  # the benchmark runs in fp32: no loss scaling, nothing to keep
+    metrics = rid.train_step(pipe, scorer, rid.DEFAULT_PROMPTS, teacher, args, generator, scaler=scaler)
+    rid.optimizer_update(optimizer, params, scaler, teacher, args, metrics["loss"].item())
 
 
 def minimal_loss(pipe, scorer, args: rid.Args, generator) -> torch.Tensor:
@@ -492,8 +492,9 @@ def step_times(opts: argparse.Namespace, ks: list[int], device: torch.device) ->
             teacher = rid.new_teacher(params, args)
             step = (pipe, scorer, params, teacher, optimizer, args, torch.Generator().manual_seed(0))
             jobs[f"{method} K={k}"] = lambda step=step: optimizer_step(*step)
-        minimal = (pipe, scorer, params, optimizer, bench_args(opts, "plain", k), torch.Generator().manual_seed(0))
-        jobs[f"minimal K={k}"] = lambda minimal=minimal: minimal_step(*minimal)
+        if opts.mixed_precision == "no":  # the minimal loop has no precision policy: compared in fp32 only
+            minimal = (pipe, scorer, params, optimizer, bench_args(opts, "plain", k), torch.Generator().manual_seed(0))
+            jobs[f"minimal K={k}"] = lambda minimal=minimal: minimal_step(*minimal)
     pipe3, params3, _, optimizer3 = bench_setup(opts, device, tasks=3)  # task 3: two frozen adapters, one trained
     args = bench_args(opts, "rid", ks[0])  # plain trains one shared adapter: its task 3 is its task 1
     step = (pipe3, scorer, params3, rid.new_teacher(params3, args), optimizer3, args, torch.Generator().manual_seed(0))
@@ -600,7 +601,7 @@ def benchmark_tables(result: dict) -> str:
     time_rows, memory_rows = [], []
     for k in result["ks"]:
         plain, rid_, floor = seconds[f"plain K={k}"], seconds[f"rid K={k}"], (t + 3 * k) / t
-        time_rows.append([str(k), plain, rid_, rid_ / plain, plain / seconds[f"minimal K={k}"],
+        time_rows.append([str(k), plain, rid_, rid_ / plain, ratio(plain, seconds.get(f"minimal K={k}")),
                           plain / seconds["sampling"], floor, plain / seconds["sampling"] / floor,
                           rid_ / seconds["sampling"] / floor])
         on, off = memory[f"K={k} checkpointing on"], memory[f"K={k} checkpointing off"]
@@ -610,7 +611,8 @@ def benchmark_tables(result: dict) -> str:
     task3 = seconds[f"rid K={first} task 3"]
     return "\n\n".join([
         f"{result['model']}, {result['resolution']} px, batch {result['batch_size']}, T={t}, reward "
-        f"{result['reward']}, {result['device']}; medians of {result['repeats']} rounds; one sampling pass: "
+        f"{result['reward']}, --mixed-precision {result['precision']}, {result['device']}; medians of "
+        f"{result['repeats']} rounds; one sampling pass: "
         f"{seconds['sampling']:.4g} s",
         markdown_table(["K", "plain s/step", "RID s/step", "RID / plain", "plain / minimal loop", "plain / sampling",
                         "floor (T+3K)/T", "plain / sampling / floor", "RID / sampling / floor"], time_rows),
@@ -632,7 +634,7 @@ def benchmark(opts: argparse.Namespace) -> dict:
     model = "tiny" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     result = {"model": model, "device": where, "resolution": args.resolution, "batch_size": args.batch_size,
-              "num_steps": t, "ks": ks, "reward": opts.reward, "repeats": opts.repeats,
+              "num_steps": t, "ks": ks, "reward": opts.reward, "repeats": opts.repeats, "precision": opts.mixed_precision,
               "seconds": step_times(opts, ks, device), "peak_memory_bytes": peak_memories(opts, ks)}
     print(benchmark_tables(result))
     if opts.json:

@@ -6,12 +6,13 @@ clamps: gradients must flow from the reward back to the pixels, and from there t
 denoising steps into the LoRA weights. Scorers are frozen (`requires_grad=False`) and in eval mode.
 
 `load_reward(name, device, tiny)` builds one by name. With `tiny=True` the same classes are built around tiny,
-randomly initialised CLIP towers (seeded, so every process and `eval.py` gets the same scorer): only sizes and weights
-differ from the real models.
+randomly initialised CLIP towers (seeded, so every process and `eval.py` gets the same scorer), from the same open_clip
+configs as the real towers (`clip_tower`): only sizes and weights differ from the real models. Callers score in fp32
+with autocast off (rid.score), in training and evaluation alike.
 
 Where the real weights come from:
 - aesthetic: the LAION "improved aesthetic predictor" MLP `sac+logos+ava1-l14-linearMSE.pth` (AESTHETIC_URL, cached
-  by torch.hub) over OpenAI CLIP ViT-L/14 (open_clip `ViT-L-14`, pretrained="openai").
+  by torch.hub) over OpenAI CLIP ViT-L/14 (open_clip `ViT-L-14-quickgelu`, pretrained="openai").
 - hps: HPSv2.1, `HPS_v2.1_compressed.pt` from the hub repo `xswu/HPSv2`, loaded into open_clip `ViT-H-14`.
 - clip: OpenAI CLIP ViT-L/14, as for aesthetic (loaded once if both are used).
 - compressibility: no weights.
@@ -34,25 +35,47 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
-    """HPSv2's preprocessing in differentiable torch ops: resize the longest side to `size` (bicubic, antialiased,
-    which reproduces PIL's resize), zero-pad to size x size, normalise with the OpenAI CLIP mean/std.
-    For square images this equals CLIP's own resize + centre crop. (B,3,H,W) in [0,1] -> (B,3,size,size)."""
-    h, w = images.shape[-2:]
-    new_h, new_w = round(h * size / max(h, w)), round(w * size / max(h, w))
-    x = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-    pad_h, pad_w = size - new_h, size - new_w
-    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0,1] -> CLIP's input, normalised with the OpenAI CLIP mean/std (both towers' training statistics)."""
     mean = torch.tensor(OPENAI_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def encode_image(clip: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised CLIP image embedding, (B,3,H,W) in [0,1] -> (B, D), differentiable."""
+def resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bicubic resize with antialiasing: PIL's bicubic resize (which the official pipelines use) in torch ops."""
+    return F.interpolate(images, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+
+
+def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """OpenAI CLIP's preprocessing (torchvision Resize(size) + CenterCrop(size), as in `clip.load` and open_clip's
+    'shortest' mode) in differentiable torch ops, before normalisation: the shorter side is resized to `size`, the
+    longer to int(size * long / short) as torchvision truncates, then the centre size x size is kept.
+    (B,3,H,W) in [0,1] -> (B,3,size,size)."""
+    h, w = images.shape[-2:]
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = resize(images, new_h, new_w)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return x[..., top:top + size, left:left + size]
+
+
+def letterbox(images: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's preprocessing (open_clip's 'longest' mode: ResizeKeepRatio(longest=1) + CenterCropOrPad with zeros) in
+    differentiable torch ops, before normalisation: the longer side is resized to `size`, and the shorter side is
+    zero-padded to `size`, centred. For square images this equals centre_crop. (B,3,H,W) in [0,1] -> (B,3,size,size)."""
+    h, w = images.shape[-2:]
+    ratio = max(h / size, w / size)
+    new_h, new_w = round(h / ratio), round(w / ratio)
+    pad_h, pad_w = size - new_h, size - new_w
+    return F.pad(resize(images, new_h, new_w), (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+
+
+def encode_image(clip: nn.Module, images: torch.Tensor, preprocess) -> torch.Tensor:
+    """L2-normalised CLIP image embedding, (B,3,H,W) in [0,1] -> (B, D), differentiable; `preprocess` is
+    centre_crop or letterbox, to the tower's input size."""
     size = clip.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    pixels = clip_preprocess(images, size).to(next(clip.parameters()).dtype)
+    pixels = normalise(preprocess(images, size)).to(next(clip.parameters()).dtype)
     return F.normalize(clip.encode_image(pixels), dim=-1)
 
 
@@ -67,19 +90,20 @@ class Aesthetic(nn.Module):
                                     nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
     def forward(self, images, prompts):
-        return self.layers(encode_image(self.clip, images)).squeeze(-1)
+        return self.layers(encode_image(self.clip, images, centre_crop)).squeeze(-1)
 
 
 class TextImageCosine(nn.Module):
-    """Cosine similarity of normalised image and prompt embeddings (HPSv2 and CLIP score; no logit scale).
+    """Cosine similarity of normalised image and prompt embeddings (HPSv2 and CLIP score; no logit scale), with the
+    preprocessing of the official scorer: letterbox for HPSv2, centre_crop for OpenAI CLIP.
     The text side needs no gradient, so it runs under no_grad; the image side keeps its graph."""
 
-    def __init__(self, clip: nn.Module, tokenizer):
+    def __init__(self, clip: nn.Module, tokenizer, preprocess):
         super().__init__()
-        self.clip, self.tokenizer = clip, tokenizer
+        self.clip, self.tokenizer, self.preprocess = clip, tokenizer, preprocess
 
     def forward(self, images, prompts):
-        image_features = encode_image(self.clip, images)
+        image_features = encode_image(self.clip, images, self.preprocess)
         with torch.no_grad():
             tokens = self.tokenizer(prompts).to(images.device)
             text_features = F.normalize(self.clip.encode_text(tokens), dim=-1)
@@ -132,12 +156,32 @@ def seeded(seed: int):
         yield
 
 
-def tiny_clip() -> nn.Module:
-    """A tiny, randomly initialised open_clip CLIP: the same class as the real towers, 16-d embedding."""
-    return open_clip.CLIP(embed_dim=16, vision_cfg={"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                                                    "patch_size": 8},
-                          text_cfg={"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-                          output_dict=True)
+# The open_clip model config of each reward's tower. OpenAI's CLIP weights were trained with QuickGELU: open_clip's
+# plain "ViT-L-14" config builds nn.GELU and only warns when it loads them, so the aesthetic MLP would score
+# embeddings it was never trained on. HPSv2.1 was trained from open_clip's ViT-H-14, which is GELU.
+TOWER_CONFIGS = {"aesthetic": "ViT-L-14-quickgelu", "clip": "ViT-L-14-quickgelu", "hps": "ViT-H-14"}
+# Tiny towers: the same configs (activation, block layout) with only these sizes replaced, a 16-d embedding.
+TINY_TOWER = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                              "patch_size": 8},
+              "text_cfg": {"width": 32, "heads": 2, "layers": 1}}
+
+
+def clip_tower(config: str, tiny: bool = False, pretrained: str | None = None) -> nn.Module:
+    """The open_clip CLIP of model config `config` (see TOWER_CONFIGS), built by open_clip.create_model; with `tiny`,
+    the same config with TINY_TOWER's sizes and random weights, so that the activation and the rest of the
+    architecture come from the real config in tiny mode too."""
+    sizes = {}
+    if tiny:
+        real = open_clip.get_model_config(config)
+        sizes = {"embed_dim": TINY_TOWER["embed_dim"],
+                 **{cfg: {**real[cfg], **TINY_TOWER[cfg]} for cfg in ("vision_cfg", "text_cfg")}}
+    muted = logging.root.manager.disable
+    if pretrained is None:  # open_clip warns that the model is initialised randomly: intended (tiny, or loaded next)
+        logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(config, pretrained=pretrained, output_dict=True, **sizes)
+    finally:
+        logging.disable(muted)
 
 
 class MissingWeights(Exception):
@@ -161,11 +205,11 @@ def fetching(what: str, how: str, errors: tuple = (OSError, ValueError)):
 
 @functools.cache
 def openai_vit_l14() -> nn.Module:
-    """OpenAI CLIP ViT-L/14 (768-d embedding), loaded once for both `aesthetic` and `clip`."""
-    with fetching("OpenAI CLIP ViT-L/14 (open_clip ViT-L-14, pretrained='openai')",
+    """OpenAI CLIP ViT-L/14 (768-d embedding, QuickGELU), loaded once for both `aesthetic` and `clip`."""
+    with fetching("OpenAI CLIP ViT-L/14 (open_clip ViT-L-14-quickgelu, pretrained='openai')",
                   "pre-download it with `hf download timm/vit_large_patch14_clip_224.openai` on a machine with network "
                   "access", errors=(OSError, RuntimeError)):  # open_clip re-raises download errors as RuntimeError
-        return open_clip.create_model("ViT-L-14", pretrained="openai")
+        return clip_tower(TOWER_CONFIGS["clip"], pretrained="openai")
 
 
 def load_aesthetic_mlp(scorer: Aesthetic, path) -> Aesthetic:
@@ -195,24 +239,24 @@ def cached_download(url: str) -> Path:
 def aesthetic(tiny: bool) -> nn.Module:
     if tiny:
         with seeded(1):
-            return Aesthetic(tiny_clip(), dim=16)
+            return Aesthetic(clip_tower(TOWER_CONFIGS["aesthetic"], tiny=True), dim=TINY_TOWER["embed_dim"])
     return load_aesthetic_mlp(Aesthetic(openai_vit_l14(), dim=768), cached_download(AESTHETIC_URL))
 
 
 def hps(tiny: bool) -> nn.Module:
+    tokenizer = open_clip.get_tokenizer(TOWER_CONFIGS["hps"])
     if tiny:
         with seeded(2):
-            return TextImageCosine(tiny_clip(), open_clip.get_tokenizer("ViT-H-14"))
+            return TextImageCosine(clip_tower(TOWER_CONFIGS["hps"], tiny=True), tokenizer, letterbox)
     with fetching(f"{HPS_FILE} from hub repo {HPS_REPO}", f"pre-download it with `hf download {HPS_REPO} {HPS_FILE}`"):
         path = hf_hub_download(HPS_REPO, HPS_FILE)  # before building ViT-H-14, so that a missing file fails at once
-    clip = open_clip.create_model("ViT-H-14", pretrained=None)
-    return TextImageCosine(load_hps_weights(clip, path), open_clip.get_tokenizer("ViT-H-14"))
+    return TextImageCosine(load_hps_weights(clip_tower(TOWER_CONFIGS["hps"]), path), tokenizer, letterbox)
 
 
 def clip_score(tiny: bool) -> nn.Module:
     with seeded(3):
-        clip = tiny_clip() if tiny else openai_vit_l14()
-    return TextImageCosine(clip, open_clip.get_tokenizer("ViT-L-14"))
+        clip = clip_tower(TOWER_CONFIGS["clip"], tiny=True) if tiny else openai_vit_l14()
+    return TextImageCosine(clip, open_clip.get_tokenizer(TOWER_CONFIGS["clip"]), centre_crop)
 
 
 def compressibility(tiny: bool) -> nn.Module:

@@ -113,7 +113,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (LoRA init, prompts, noise)"})
     log_every: int = field(default=10, metadata={"help": "print a summary line every this many steps"})
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
-        "help": "run the frozen UNet, VAE and text encoder in bf16/fp16 (LoRA tensors stay fp32)"})
+        "help": "run the VAE, the text encoder and the T-K sampling steps without gradients in bf16/fp16; the K "
+                "gradient steps, the teacher and the rewards stay fp32 (README, Precision)"})
     cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is visible"})
 
 
@@ -332,6 +333,10 @@ def check_args(args: Args) -> bool:
     if unknown:
         raise UsageError(f"--rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
     check_numbers(args)
+    if args.ema_decay == 0 and (args.lambda_out > 0 or args.lambda_feat > 0):
+        raise UsageError("--ema-decay 0 makes the teacher a copy of the student, so both distillation losses are 0 "
+                         "while the teacher still costs a forward; give a decay in (0, 1], or --lambda-out 0 "
+                         "--lambda-feat 0 for no distillation")
     check_feat_layer_names(args)
     check_model_path(args)
     return check_out_dir(args)
@@ -420,7 +425,9 @@ WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 
 
 def load_pipeline(args: Args, device: torch.device, path: str | Path | None = None) -> StableDiffusionPipeline:
-    """The frozen base model with a DDIM scheduler, in --mixed-precision's dtype; the same object in every mode.
+    """The frozen base model with a DDIM scheduler, the same object in every mode. The VAE and the text encoder are
+    in --mixed-precision's dtype; the UNet stays fp32, since its K gradient steps and the teacher run in fp32 (its
+    sampling steps without gradients run in the low dtype under autocast, see low_precision).
     `path` loads a saved pipeline instead of building or downloading one (eval.py reloads a tiny run's base/)."""
     if (args.tiny or args.random_weights) and path is None:
         pipe = random_pipeline(TINY if args.tiny else SD15_ARCHITECTURE)
@@ -433,7 +440,11 @@ def load_pipeline(args: Args, device: torch.device, path: str | Path | None = No
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
-    return pipe.to(device, WEIGHT_DTYPES[args.mixed_precision])
+    pipe.to(device)  # fp32, as loaded or built
+    if args.mixed_precision != "no":
+        for module in (pipe.vae, pipe.text_encoder):
+            module.to(WEIGHT_DTYPES[args.mixed_precision])
+    return pipe
 
 
 def check_model_args(args: Args, pipe: StableDiffusionPipeline) -> None:
@@ -506,6 +517,38 @@ def check_memory(args: Args, pipe: StableDiffusionPipeline) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Precision. With --mixed-precision bf16/fp16, only what carries no distillation signal runs in the low dtype: the
+# T-K sampling steps without gradients, the text encoder and the VAE. The K gradient steps, the teacher calls and the
+# rewards run in IEEE fp32: L_out measures a student-teacher difference far below one bf16 ulp (~4e-3 at |eps| ~ 1),
+# which bf16 (or TF32's 10-bit mantissa) would replace by rounding noise.
+
+def low_precision(args: Args, device: torch.device):
+    """--mixed-precision's autocast, for the fp32 UNet's calls without gradients; a no-op with --mixed-precision no."""
+    dtype = WEIGHT_DTYPES[args.mixed_precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device):
+    """IEEE fp32: autocast off, and no TF32 in cuBLAS matmuls or cuDNN convolutions (PyTorch lets cuDNN
+    convolutions use TF32 by default)."""
+    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def score(scorer, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """Rewards (B,) of images (B,3,H,W) in [0,1], in IEEE fp32 in training and evaluation alike: on the real
+    aesthetic scale (about 5 to 7) bf16's resolution is about 0.03."""
+    with full_precision(images.device):
+        return scorer(images.float(), prompts).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Sampling: DDIM with classifier-free guidance; gradients only through the last K steps (DRaFT-K).
 
 @torch.no_grad()
@@ -538,7 +581,8 @@ def unet_eps(unet, x, t, text_emb, feat_layers=(), params=None):
     hooks = [unet.get_submodule(name).register_forward_hook(keep(name)) for name in feat_layers]
     try:
         # conv_in's dtype is the dtype the UNet's input meets; unet.dtype would walk every module on every call
-        inputs, kwargs = (torch.cat([x, x]).to(unet.conv_in.weight.dtype), t), {"encoder_hidden_states": text_emb}
+        dtype = unet.conv_in.weight.dtype
+        inputs, kwargs = (torch.cat([x, x]).to(dtype), t), {"encoder_hidden_states": text_emb.to(dtype)}
         out = functional_call(unet, params, inputs, kwargs, strict=False) if params else unet(*inputs, **kwargs)
     finally:
         for hook in hooks:
@@ -565,47 +609,65 @@ def checkpointed(enabled: bool, fn, *inputs):
     return checkpoint(fn, *inputs, use_reentrant=False) if enabled else fn(*inputs)
 
 
-def ddim_step(pipe, eps: torch.Tensor, t, x: torch.Tensor, args: Args, generator=None) -> torch.Tensor:
-    """x_t (B,4,h,w) -> x_{t-1} from the CFG batch's eps (2B,4,h,w): guidance, then the DDIM update."""
-    return pipe.scheduler.step(guide(eps, args.guidance_scale), t, x, eta=args.eta, generator=generator).prev_sample
+def variance_noise(x: torch.Tensor, generator: torch.Generator, process: tuple[int, int]) -> torch.Tensor:
+    """DDIM's noise for eta > 0, (B,4,h,w) like x: drawn for the global batch of B x processes from the shared
+    generator (on the CPU, as x_T) and sliced as draw_batch slices x_T, so that N processes x B draw what one
+    process x N*B would, not N copies of the same noise."""
+    index, count = process
+    n = x.shape[0]
+    noise = torch.randn((n * count, *x.shape[1:]), generator=generator)
+    return noise[index * n:(index + 1) * n].to(x.device, x.dtype)
 
 
-def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generator=None):
-    """DDIM from x_T (B,4,h,w) to x_0 latents. Steps 1..T-k run under no_grad with the LoRA folded into the weights
-    (the fast path: they are most UNet calls and need no graph), the last k with gradients, each UNet call in
-    activation checkpointing (unless --no-checkpointing). With a teacher (name -> LoRA tensor), also returns
-    L_out and L_feat averaged over the k gradient steps; the teacher sees the same input as the student, detached."""
+def ddim_step(pipe, eps: torch.Tensor, t, x: torch.Tensor, args: Args, generator=None, process=(0, 1)):
+    """x_t (B,4,h,w) -> x_{t-1} from the CFG batch's eps (2B,4,h,w): guidance, then the DDIM update (with this
+    process's slice of the global batch's noise when --eta > 0)."""
+    noise = variance_noise(x, generator, process) if args.eta > 0 else None
+    return pipe.scheduler.step(guide(eps, args.guidance_scale), t, x, eta=args.eta, variance_noise=noise).prev_sample
+
+
+def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generator=None, process=(0, 1)):
+    """DDIM from x_T (B,4,h,w) to x_0 latents. Steps 1..T-k run under no_grad in --mixed-precision's dtype with the
+    LoRA folded into the weights (the fast path: they are most UNet calls and need no graph), the last k with
+    gradients in fp32, each UNet call in activation checkpointing (unless --no-checkpointing). With a teacher
+    (name -> LoRA tensor), also returns L_out and L_feat averaged over the k gradient steps; the teacher sees the
+    same input as the student, detached. `generator` and `process` (index, count) give the noise for --eta > 0."""
     timesteps = pipe.scheduler.timesteps
     split = len(timesteps) - k
-    with torch.no_grad(), adapters_folded(pipe.unet):
+    with torch.no_grad(), adapters_folded(pipe.unet), low_precision(args, x.device):  # fold first, in fp32
         for t in timesteps[:split]:
             eps, _ = unet_eps(pipe.unet, pipe.scheduler.scale_model_input(x, t), t, text_emb)
-            x = ddim_step(pipe, eps, t, x, args, generator)
+            x = ddim_step(pipe, eps, t, x, args, generator, process)
     layers = args.feat_layers.split(",") if args.lambda_feat > 0 else ()
     losses = []
     for t in timesteps[split:]:
         x_in = pipe.scheduler.scale_model_input(x, t)
-        eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb, layers)
-        if teacher is not None:
-            with torch.no_grad():
-                eps_t, feats_t = unet_eps(pipe.unet, x_in.detach(), t, text_emb, layers, params=teacher)
-            losses.append(distillation_losses(eps, feats, eps_t, feats_t))
-        x = ddim_step(pipe, eps, t, x, args, generator)
+        with full_precision(x.device):
+            eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb, layers)
+            if teacher is not None:
+                with torch.no_grad():
+                    eps_t, feats_t = unet_eps(pipe.unet, x_in.detach(), t, text_emb, layers, params=teacher)
+                losses.append(distillation_losses(eps, feats, eps_t, feats_t))
+        x = ddim_step(pipe, eps, t, x, args, generator, process)
     l_out, l_feat = (torch.stack(terms).mean() for terms in zip(*losses)) if losses else (x.new_zeros(()),) * 2
     return x, l_out, l_feat
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
-    """VAE decode, (B,4,h,w) latents -> (B,3,H,W) pixels mapped from [-1,1] to [0,1] (once, here). Not clamped:
-    a clamp would silently zero the gradient of saturated pixels."""
-    return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.to(latents.dtype) / 2 + 0.5
+    """VAE decode, (B,4,h,w) latents -> (B,3,H,W) pixels mapped from [-1,1] to [0,1] (once, here) and clamped to
+    [0,1], as diffusers' postprocessing and the public reward trainers clamp: training scores the pixels that
+    sampling and evaluation show. The clamp passes the gradient of pixels in [0,1] and zeroes it beyond."""
+    pixels = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.to(latents.dtype) / 2 + 0.5
+    return pixels.clamp(0, 1)
 
 
 @torch.no_grad()
-def generate(pipe, prompts: list[str], latents: torch.Tensor, args: Args) -> torch.Tensor:
-    """Images (B,3,H,W) in [0,1] for prompts and initial latents, no gradients (what diffusers' pipeline computes)."""
-    x0, _, _ = sample_latents(pipe, latents, encode_prompts(pipe, prompts), args, k=0)
-    return decode(pipe.vae, x0).clamp(0, 1)
+def generate(pipe, prompts: list[str], latents: torch.Tensor, args: Args, generator=None) -> torch.Tensor:
+    """Images (B,3,H,W) in [0,1] for prompts and initial latents, no gradients (what diffusers' pipeline computes).
+    `generator` draws the noise for --eta > 0 (default: a fresh one seeded with --seed), never the global RNG."""
+    generator = torch.Generator().manual_seed(args.seed) if generator is None else generator
+    x0, _, _ = sample_latents(pipe, latents, encode_prompts(pipe, prompts), args, k=0, generator=generator)
+    return decode(pipe.vae, x0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -716,20 +778,21 @@ def draw_batch(pipe, prompts: list[str], args: Args, generator: torch.Generator,
     return [prompts[i] for i in ids[mine]], x_T[mine], k
 
 
-def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Generator, accelerator=None) -> dict:
+def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Generator, accelerator=None,
+               scaler=None) -> dict:
     """Sample a batch with gradients through the last K steps, score it, and backpropagate
     L = L_reward + lambda_out L_out + lambda_feat L_feat, divided by --grad-accum (gradients add up over
-    micro-batches). The forward pass runs under the accelerator's autocast. Returns the rewards (B,), the loss terms
-    (detached) and K."""
+    micro-batches) and multiplied by the fp16 loss scale if a grad scaler is given. Returns the rewards (B,), the loss
+    terms (detached) and K."""
     process = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     batch, x_T, k = draw_batch(pipe, prompts, args, generator, process)
-    with accelerator.autocast() if accelerator else contextlib.nullcontext():
-        x0, l_out, l_feat = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator)
-        images = checkpointed(args.checkpointing, decode, pipe.vae, x0)                   # (B, 3, H, W)
-        rewards = scorer(images, batch).float()                                           # (B,)
-        l_reward = -args.reward_scale * rewards.mean()
-        loss = l_reward + args.lambda_out * l_out + args.lambda_feat * l_feat
-    (accelerator.backward if accelerator else torch.Tensor.backward)(loss / args.grad_accum)
+    x0, l_out, l_feat = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator, process)
+    images = checkpointed(args.checkpointing, decode, pipe.vae, x0)                       # (B, 3, H, W)
+    rewards = score(scorer, images, batch)                                                # (B,)
+    l_reward = -args.reward_scale * rewards.mean()
+    loss = l_reward + args.lambda_out * l_out + args.lambda_feat * l_feat
+    with full_precision(x_T.device):  # the K steps' checkpoints are recomputed in here: as precise as their forward
+        (loss / args.grad_accum if scaler is None else scaler.scale(loss / args.grad_accum)).backward()
     terms = {"loss": loss, "loss_reward": l_reward, "loss_out": l_out, "loss_feat": l_feat}
     return {"rewards": rewards.detach(), **{name: term.detach().float() for name, term in terms.items()}, "k": k}
 
@@ -772,40 +835,64 @@ def is_finite(*values: float) -> bool:
     return all(math.isfinite(value) for value in values)
 
 
-def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, progress, accelerator,
+def optimizer_update(optimizer, params: dict[str, torch.nn.Parameter], scaler, teacher, args: Args,
+                     loss: float) -> dict:
+    """One optimizer step from the accumulated LoRA gradients: unscale them (fp16; a no-op for a disabled scaler),
+    clip their norm, take the AdamW step and then the EMA teacher's, and zero them. An fp16 overflow (finite loss,
+    non-finite gradient) takes no step and is left to the scaler, which lowers its scale; any other non-finite loss
+    or gradient takes no step either and is reported as skipped. The scaler is updated after every step, taken or
+    not, so that the next one can unscale again. Returns the gradient norm (unscaled, before clipping), skipped."""
+    scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip))
+    overflow = scaler.is_enabled() and is_finite(loss) and not is_finite(grad_norm)
+    skipped = not overflow and not is_finite(loss, grad_norm)
+    if not (overflow or skipped):  # one NaN would poison the LoRA, AdamW's moments and the teacher for good
+        scaler.step(optimizer)
+        if teacher is not None:
+            ema_update(teacher, params, args.ema_decay)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": grad_norm, "skipped": skipped}
+
+
+def resume_task(resume: dict, params: dict[str, torch.nn.Parameter], optimizer) -> tuple[int, dict | None]:
+    """The step and EMA teacher of a checkpoint taken inside a task, with its AdamW state loaded into `optimizer`.
+    Checkpoints are loaded onto the CPU: the teacher moves to its LoRA tensors' devices (functional_call and the EMA
+    update use them together), and torch's load_state_dict moves AdamW's state to its parameters' devices."""
+    optimizer.load_state_dict(resume["optimizer"])
+    teacher = resume["teacher"]
+    if teacher is not None:
+        teacher = {n: t.to(params[n].device) for n, t in teacher.items()}
+    return resume["step"], teacher
+
+
+def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, progress, accelerator, scaler,
                resume=None) -> None:
     """Optimise one reward for --steps-per-task steps, updating the EMA teacher after every step. A step whose loss or
     gradient is not finite is skipped (no update), logged and warned about; an fp16 loss-scale overflow is left to
-    the grad scaler, which skips the step and lowers its scale. `resume`: a checkpoint taken inside this task, whose
-    step, optimizer and teacher are restored (the model and generators already are)."""
+    the grad scaler (see optimizer_update). `resume`: a checkpoint taken inside this task, whose step, optimizer and
+    teacher are restored (the model, generators and scaler already are)."""
     teacher = new_teacher(params, args)
-    optimizer = accelerator.prepare(torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay))
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     first = 0
     if resume is not None:
-        first, teacher = resume["step"], resume["teacher"]
-        optimizer.load_state_dict(resume["optimizer"])
+        first, teacher = resume_task(resume, params, optimizer)
     bar = tqdm(range(first, args.steps_per_task), desc=f"task {task} ({name})", initial=first,
                total=args.steps_per_task, dynamic_ncols=True, disable=not accelerator.is_main_process)
     for step in bar:
         start = time.perf_counter()
-        micro_batches = [train_step(pipe, scorer, prompts, teacher, args, progress.generator, accelerator)
+        micro_batches = [train_step(pipe, scorer, prompts, teacher, args, progress.generator, accelerator, scaler)
                          for _ in range(args.grad_accum)]
         average_gradients(params, accelerator)
         metrics = step_metrics(micro_batches, accelerator)
-        metrics["grad_norm"] = float(accelerator.clip_grad_norm_(params.values(), args.grad_clip))  # unscales fp16
-        overflow = accelerator.scaler is not None and is_finite(metrics["loss"]) and not is_finite(metrics["grad_norm"])
-        metrics["skipped"] = not overflow and not is_finite(metrics["loss"], metrics["grad_norm"])
-        if metrics["skipped"]:  # one NaN would poison the LoRA, AdamW's moments and the teacher for good
+        metrics.update(optimizer_update(optimizer, params, scaler, teacher, args, metrics["loss"]))
+        if metrics["skipped"]:
             progress.bad_streak += 1
             if accelerator.is_main_process:
                 tqdm.write(f"warning: task {task} step {step}: loss {metrics['loss']}, gradient norm "
                            f"{metrics['grad_norm']}; update skipped ({progress.bad_streak} in a row)", file=sys.stderr)
         else:
             progress.bad_streak = 0
-            optimizer.step()
-            if teacher is not None and not accelerator.optimizer_step_was_skipped:
-                ema_update(teacher, params, args.ema_decay)
-        optimizer.zero_grad(set_to_none=True)
         metrics = {"task": task, "reward": name, "step": step, "lr": optimizer.param_groups[0]["lr"], **metrics,
                    "seconds": time.perf_counter() - start}
         progress.log_line(json.dumps(metrics))
@@ -816,13 +903,13 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
             raise TrainingStopped(f"task {task} step {step}: {progress.bad_streak} steps in a row had a non-finite "
                                   f"loss or gradient (--max-bad-steps {args.max_bad_steps}); stopped; {last}")
         if (step + 1) % args.checkpoint_every == 0 and accelerator.is_main_process:
-            save_checkpoint(pipe.unet, progress, task, step + 1, optimizer, teacher)
+            save_checkpoint(pipe.unet, progress, task, step + 1, scaler, optimizer, teacher)
         if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task):
             bar.write(summary(metrics, args))
         signum = stop_requested(accelerator)
         if signum:  # the step is complete: checkpoint it, so that --resume continues exactly here
             if accelerator.is_main_process:
-                save_checkpoint(pipe.unet, progress, task, step + 1, optimizer, teacher)
+                save_checkpoint(pipe.unet, progress, task, step + 1, scaler, optimizer, teacher)
             raise Interrupted(f"stopped by {signal.Signals(signum).name} after task {task}, step {step + 1}, "
                               f"checkpointed; rerun the same command with --resume to continue", signum)
 
@@ -929,14 +1016,16 @@ class Progress:
         self.lines += 1
 
 
-def save_checkpoint(unet, progress: Progress, task: int, step: int, optimizer=None, teacher=None) -> None:
+def save_checkpoint(unet, progress: Progress, task: int, step: int, scaler, optimizer=None, teacher=None) -> None:
     """Everything needed to continue at step `step` of task `task`. The global torch RNG state is included because
-    the next task's LoRA initialisation draws from it."""
+    the next task's LoRA initialisation draws from it; the fp16 grad scaler's state (its loss scale) because it
+    carries over from task to task."""
     with failed_write(progress.out / "metrics.jsonl"):
         os.fsync(progress.log.fileno())  # the metric lines the checkpoint counts are on disk before it is
     state = {"task": task, "step": step, "adapters": list(unet.peft_config),
              "lora": {n: p.detach() for n, p in unet.named_parameters() if "lora_" in n},
              "optimizer": optimizer.state_dict() if optimizer is not None else None, "teacher": teacher,
+             "scaler": scaler.state_dict(),
              "generator": progress.generator.get_state(), "torch_rng": torch.get_rng_state(),
              "metric_lines": progress.lines, "bad_streak": progress.bad_streak}
     atomic_write(progress.out / CHECKPOINT, lambda f: torch.save(state, f))
@@ -991,8 +1080,9 @@ def check_checkpoint(checkpoint: dict, unet: UNet2DConditionModel, args: Args, p
                          "another run: delete it to restart")
 
 
-def restore(unet, args: Args, progress: Progress, checkpoint: dict) -> None:
-    """Rebuild the checkpoint's adapters, copy its LoRA tensors in, and restore the random streams and counters."""
+def restore(unet, args: Args, progress: Progress, checkpoint: dict, scaler) -> None:
+    """Rebuild the checkpoint's adapters, copy its LoRA tensors in, and restore the random streams, counters and the
+    grad scaler (checkpoints written before the scaler was saved have none: it then starts afresh)."""
     for name in checkpoint["adapters"]:
         add_task_adapter(unet, name, args.lora_rank)
     params = dict(unet.named_parameters())
@@ -1001,6 +1091,8 @@ def restore(unet, args: Args, progress: Progress, checkpoint: dict) -> None:
             params[name].copy_(tensor)
     torch.set_rng_state(checkpoint["torch_rng"])
     progress.generator.set_state(checkpoint["generator"])
+    if checkpoint.get("scaler"):  # empty for a disabled (not fp16) scaler
+        scaler.load_state_dict(checkpoint["scaler"])
     progress.lines, progress.bad_streak = checkpoint["metric_lines"], checkpoint["bad_streak"]
     progress.saved_at = f"task {checkpoint['task']}, step {checkpoint['step']}"
 
@@ -1043,8 +1135,11 @@ def main(args: Args) -> StableDiffusionPipeline | None:
         print(f"{out}: all {len(reward_names(args))} tasks are done; nothing to do", file=sys.stderr)
         return None
     # cpu=True without a GPU too: Accelerate recognises several CPU processes (gloo) only when told to use the CPU.
-    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
+    # Precision is ours, not Accelerate's (see low_precision and full_precision), and so is fp16's grad scaler: one
+    # for the whole run, whatever optimizer each task has.
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision="no")
     check_world_size(accelerator.num_processes)
+    scaler = torch.amp.GradScaler(accelerator.device.type, enabled=args.mixed_precision == "fp16")
     is_main = accelerator.is_main_process
     pipe = load_pipeline(args, accelerator.device)
     check_model_args(args, pipe)
@@ -1068,13 +1163,13 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     torch.manual_seed(args.seed)  # LoRA initialisation: the same on every process
     progress = Progress(out, torch.Generator().manual_seed(args.seed))  # prompts, noise, K: the same on every process
     if checkpoint is not None:
-        restore(pipe.unet, args, progress, checkpoint)
+        restore(pipe.unet, args, progress, checkpoint, scaler)
         accelerator.print(f"resuming {out} at {progress.saved_at}", file=sys.stderr)
     elif args.resume and not new:
         accelerator.print(f"resuming {out}: it stopped before its first checkpoint, so it restarts from the top",
                           file=sys.stderr)
     try:
-        train(pipe, scorers, prompts, args, progress, accelerator, checkpoint)
+        train(pipe, scorers, prompts, args, progress, accelerator, scaler, checkpoint)
     except WriteFailed as error:
         raise WriteFailed(f"{error}; {resume_hint(progress)}") from None
     accelerator.wait_for_everyone()
@@ -1082,7 +1177,7 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     return pipe
 
 
-def train(pipe, scorers, prompts, args: Args, progress: Progress, accelerator, checkpoint) -> None:
+def train(pipe, scorers, prompts, args: Args, progress: Progress, accelerator, scaler, checkpoint) -> None:
     """Every task from the checkpoint's on: train it, then write its outputs and a checkpoint at the next task."""
     if accelerator.is_main_process:
         keep_lines(progress.out / "metrics.jsonl", progress.lines)
@@ -1094,10 +1189,10 @@ def train(pipe, scorers, prompts, args: Args, progress: Progress, accelerator, c
                 continue  # done: its outputs were written before the checkpoint that follows it
             params = task_adapter(pipe.unet, args, task)
             inside = checkpoint if checkpoint and checkpoint["task"] == task and checkpoint["step"] > 0 else None
-            train_task(pipe, scorers[name], prompts, params, args, task, name, progress, accelerator, inside)
+            train_task(pipe, scorers[name], prompts, params, args, task, name, progress, accelerator, scaler, inside)
             if accelerator.is_main_process:
                 save_task(pipe, progress.out, task, name, prompts, args)
-                save_checkpoint(pipe.unet, progress, task + 1, 0)  # the next task starts with a fresh optimizer
+                save_checkpoint(pipe.unet, progress, task + 1, 0, scaler)  # the next task starts with a fresh optimizer
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import urllib.error
 from pathlib import Path
 
 import numpy
+import open_clip
 import pytest
 import torch
 from accelerate import Accelerator
@@ -25,21 +26,24 @@ from safetensors.torch import load_file
 import figures
 import rewards
 import rid
-from rewards import OPENAI_MEAN, OPENAI_STD, Aesthetic, MissingWeights, TextImageCosine, clip_preprocess, \
-    load_aesthetic_mlp, load_hps_weights, load_reward, seeded, tiny_clip
+from rewards import OPENAI_MEAN, OPENAI_STD, TOWER_CONFIGS, Aesthetic, MissingWeights, TextImageCosine, centre_crop, \
+    clip_tower, letterbox, load_aesthetic_mlp, load_hps_weights, load_reward, normalise, seeded
 
 HERE = Path(__file__).parent
 
 
 def tiny_setup(steps=4, dtype=torch.float32, **overrides):
-    """A tiny pipeline with one LoRA adapter whose B is non-zero (so that A has a gradient too)."""
+    """A tiny pipeline with one LoRA adapter whose B is non-zero (so that A has a gradient too). dtype=None keeps
+    the dtypes of --mixed-precision's policy."""
     args = rid.resolve(rid.Args(**{"tiny": True, "num_steps": steps, "resolution": 16, "batch_size": 2, **overrides}))
-    pipe = rid.load_pipeline(args, torch.device("cpu")).to(dtype=dtype)
+    pipe = rid.load_pipeline(args, torch.device("cpu"))
+    pipe = pipe if dtype is None else pipe.to(dtype=dtype)
     pipe.scheduler.set_timesteps(steps)
     with seeded(0):
         params = rid.add_task_adapter(pipe.unet, "task1", rank=4)
         for name, p in params.items():
-            p.data = (p.data + 0.1 * torch.randn_like(p)).to(dtype) if "lora_B" in name else p.data.to(dtype)
+            dtype_p = dtype or p.dtype
+            p.data = (p.data + 0.1 * torch.randn_like(p)).to(dtype_p) if "lora_B" in name else p.data.to(dtype_p)
     prompts = ["a photo of a cat", "a lighthouse"]
     latents = rid.initial_latents(pipe, 2, args.resolution, torch.Generator().manual_seed(0))
     return args, pipe, params, prompts, latents
@@ -218,12 +222,100 @@ def test_compressibility_prefers_smooth_images():
     assert scorer(smooth, [""]) > scorer(noise, [""]) + 10
 
 
-def test_clip_preprocess_resizes_the_longest_side_and_pads():
-    square = clip_preprocess(torch.rand(1, 3, 64, 64), 32)
-    wide = clip_preprocess(torch.zeros(1, 3, 16, 32), 32)
-    assert square.shape == wide.shape == (1, 3, 32, 32)
-    pad_value = (0 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)
-    torch.testing.assert_close(wide[0, :, 0, 0], pad_value)  # zero pixels padded above the resized image
+def tower_activation(clip) -> type:
+    return type(clip.visual.transformer.resblocks[0].mlp.gelu)
+
+
+def test_every_reward_tower_uses_the_activation_its_weights_were_trained_with(monkeypatch):
+    """OpenAI's CLIP weights were trained with QuickGELU (open_clip's pretrained tag says so); HPSv2.1 was trained
+    from open_clip's ViT-H-14 (LAION-2B), which is GELU. The real loaders build their towers (full size, on the meta
+    device, no weights) and the tiny ones must agree, since both come from the same open_clip config."""
+    trained_with = {"aesthetic": ("ViT-L-14", "openai"), "clip": ("ViT-L-14", "openai"),
+                    "hps": ("ViT-H-14", "laion2b_s32b_b79k")}
+    expected = {name: open_clip.model.QuickGELU if open_clip.get_pretrained_cfg(*tag).get("quick_gelu") else
+                torch.nn.GELU for name, tag in trained_with.items()}
+    assert expected["aesthetic"] is open_clip.model.QuickGELU and expected["hps"] is torch.nn.GELU
+    tiny = {name: tower_activation(load_reward(name, "cpu", tiny=True).clip) for name in expected}
+    create = open_clip.create_model
+
+    def on_meta(*args, **kwargs):  # the real call, without a download and without allocating 1.4 billion weights
+        with torch.device("meta"):
+            return create(*args, **{**kwargs, "pretrained": None, "device": "meta"})
+    monkeypatch.setattr(rewards.open_clip, "create_model", on_meta)
+    monkeypatch.setattr(rewards, "cached_download", lambda url: url)
+    monkeypatch.setattr(rewards, "hf_hub_download", lambda repo, file: file)
+    monkeypatch.setattr(rewards, "load_aesthetic_mlp", lambda scorer, path: scorer)
+    monkeypatch.setattr(rewards, "load_hps_weights", lambda clip, path: clip)
+    rewards.openai_vit_l14.cache_clear()
+    try:
+        real = {name: rewards.REWARDS[name](tiny=False).clip for name in expected}
+    finally:
+        rewards.openai_vit_l14.cache_clear()
+    assert real["aesthetic"].visual.transformer.width == 1024 and real["hps"].visual.transformer.width == 1280
+    for name in expected:
+        assert tower_activation(real[name]) is expected[name] and tiny[name] is expected[name], name
+
+
+def smooth_image(height: int, width: int, seed: int) -> torch.Tensor:
+    """A (1, 3, H, W) image in [0, 1] on the 8-bit grid, smooth enough to be resized (low-frequency noise)."""
+    low = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    image = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+    return image.mul(255).round().div(255)
+
+
+def official_transform(size: int, mode: str):
+    """open_clip's own PIL preprocessing: mode 'shortest' is OpenAI CLIP's (resize + centre crop, `clip.load`),
+    'longest' HPSv2's (resize the longest side, pad with zeros)."""
+    return open_clip.image_transform(size, is_train=False, mean=OPENAI_MEAN, std=OPENAI_STD, resize_mode=mode,
+                                     interpolation="bicubic", fill_color=0)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    return Image.fromarray(image[0].mul(255).round().byte().permute(1, 2, 0).numpy())
+
+
+# Measured maximum differences (README, Rewards): preprocessing 0.016 in normalised pixels (about one 8-bit level,
+# 1/255/std = 0.015: PIL rounds its resized image to 8 bits); unit image embeddings 6.4e-4 (0.062 or more with the
+# other preprocessing); scores 1.1e-5 (aesthetic), 2.1e-4 (hps), 5.2e-4 (clip).
+PREPROCESS_TOLERANCE, SCORE_TOLERANCE = 0.03, 2e-3
+
+@pytest.mark.parametrize("height, width", [(512, 512), (512, 384), (384, 512), (40, 56)])
+def test_preprocessing_matches_the_official_pil_pipelines(height, width):
+    image = smooth_image(height, width, seed=height + width)
+    for size, mode, ours in ((224, "shortest", centre_crop), (224, "longest", letterbox), (32, "shortest", centre_crop),
+                             (32, "longest", letterbox)):
+        expected = official_transform(size, mode)(to_pil(image))
+        got = normalise(ours(image, size))[0]
+        assert got.shape == expected.shape == (3, size, size)
+        assert (got - expected).abs().max() < PREPROCESS_TOLERANCE, (height, width, size, mode)
+
+
+def test_scores_match_the_official_scoring_pipelines():
+    """Each scorer against its official pipeline on the same (tiny, random) tower: PIL preprocessing, then
+    aesthetic = MLP(normalised image features) (improved-aesthetic-predictor's simple_inference.py); hps = the
+    diagonal of image_features @ text_features.T from the model's own forward (HPSv2's score); clip = cosine of the
+    normalised features. Non-square 40x56 images, so that crop and letterbox differ; the image embeddings with the
+    other preprocessing are far off, so the check can tell them apart."""
+    prompts = ["a photo of a cat", "a lighthouse at dusk"]
+    images = torch.cat([smooth_image(40, 56, seed) for seed in (0, 1)])
+    pil = [to_pil(image[None]) for image in images]
+    modes = {"aesthetic": ("shortest", centre_crop, letterbox), "hps": ("longest", letterbox, centre_crop),
+             "clip": ("shortest", centre_crop, letterbox)}
+    for name, (mode, ours, other) in modes.items():
+        scorer = load_reward(name, "cpu", tiny=True)
+        clip, size = scorer.clip, scorer.clip.visual.image_size[0]
+        pixels = torch.stack([official_transform(size, mode)(p) for p in pil])
+        with torch.no_grad():
+            out = clip(pixels, scorer.tokenizer(prompts) if name != "aesthetic" else None)  # normalised features
+            if name == "aesthetic":
+                expected = scorer.layers(out["image_features"]).squeeze(-1)
+            else:
+                expected = torch.diagonal(out["image_features"] @ out["text_features"].T)
+            got = rid.score(scorer, images, prompts)
+            embedding, wrong = (rewards.encode_image(clip, images, preprocess) for preprocess in (ours, other))
+        assert (got - expected).abs().max() < SCORE_TOLERANCE, (name, got, expected)
+        assert (embedding - out["image_features"]).abs().max() < SCORE_TOLERANCE, name
+        assert (wrong - out["image_features"]).abs().max() > 10 * SCORE_TOLERANCE, name
 
 
 def test_aesthetic_loader_reads_the_released_layout(tmp_path):
@@ -231,20 +323,22 @@ def test_aesthetic_loader_reads_the_released_layout(tmp_path):
                 for i, shape in {0: (1024, 768), 2: (128, 1024), 4: (64, 128), 6: (16, 64), 7: (1, 16)}.items()
                 for kind in ("weight", "bias")}
     torch.save(released, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
-    scorer = load_aesthetic_mlp(Aesthetic(tiny_clip(), dim=768), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    tiny_clip = clip_tower(TOWER_CONFIGS["aesthetic"], tiny=True)
+    scorer = load_aesthetic_mlp(Aesthetic(tiny_clip, dim=768), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
     assert all(torch.equal(scorer.state_dict()[key], value) for key, value in released.items())
     with pytest.raises(RuntimeError):
-        load_aesthetic_mlp(Aesthetic(tiny_clip(), dim=16), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+        load_aesthetic_mlp(Aesthetic(tiny_clip, dim=16), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
 
 
 def test_hps_loader_reads_the_released_layout(tmp_path):
     with seeded(7):
-        trained = tiny_clip()
+        trained = clip_tower(TOWER_CONFIGS["hps"], tiny=True)
     torch.save({"state_dict": trained.state_dict()}, tmp_path / "HPS_v2.1_compressed.pt")
-    scorer = TextImageCosine(load_hps_weights(tiny_clip(), tmp_path / "HPS_v2.1_compressed.pt"),
-                             rid.open_clip.get_tokenizer("ViT-H-14"))
+    tokenizer = open_clip.get_tokenizer("ViT-H-14")
+    scorer = TextImageCosine(load_hps_weights(clip_tower(TOWER_CONFIGS["hps"], tiny=True),
+                                              tmp_path / "HPS_v2.1_compressed.pt"), tokenizer, letterbox)
     images = torch.rand(2, 3, 32, 32)
-    expected = TextImageCosine(trained, rid.open_clip.get_tokenizer("ViT-H-14"))(images, ["a", "b"])
+    expected = TextImageCosine(trained, tokenizer, letterbox)(images, ["a", "b"])
     torch.testing.assert_close(scorer(images, ["a", "b"]), expected)
 
 
@@ -377,6 +471,7 @@ BAD_INPUTS = {
     "negative batch": (["--batch-size", "-2"], "--batch-size must be a positive integer"),
     "negative seed": (["--seed", "-1"], "--seed must be in [0, 2^63)"),
     "ema above one": (["--ema-decay", "1.5"], "--ema-decay must be a finite number in [0, 1]"),
+    "ema zero": (["--ema-decay", "0"], "--ema-decay 0 makes the teacher a copy of the student"),
     "negative grad clip": (["--grad-clip", "-1"], "--grad-clip must be a finite number > 0 (a negative max norm"),
     "zero grad clip": (["--grad-clip", "0"], "--grad-clip must be a finite number > 0"),
     "negative eta": (["--eta", "-5"], "--eta must be a finite number in [0, 1]"),
@@ -804,8 +899,9 @@ def test_a_long_prompt_is_warned_about_once_in_one_short_line(capfd):
                    "reads the first 77\n")
 
 
-def nan_on_calls(bad_calls):
-    """Patch for rid.load_reward: the real tiny scorer, but NaN rewards on the given calls (0-based)."""
+def patched_rewards(change):
+    """Patch for rid.load_reward: the real tiny scorer, its rewards passed through change(call, images, rewards),
+    call counting the scorer calls from 0."""
     calls = []
 
     def load(name, device, tiny):
@@ -813,10 +909,14 @@ def nan_on_calls(bad_calls):
 
         def score(images, prompts):
             calls.append(None)
-            rewards = scorer(images, prompts)
-            return rewards * float("nan") if len(calls) - 1 in bad_calls else rewards
+            return change(len(calls) - 1, images, scorer(images, prompts))
         return score
     return load
+
+
+def nan_on_calls(bad_calls):
+    """NaN rewards on the given calls (0-based)."""
+    return patched_rewards(lambda call, images, rewards: rewards * float("nan") if call in bad_calls else rewards)
 
 
 def small_args(out, **overrides):
@@ -874,7 +974,7 @@ def test_missing_reward_weights_give_one_message_saying_how_to_get_them(tmp_path
     monkeypatch.setattr(rewards.open_clip, "create_model", offline(RuntimeError("Failed to download weights")))
     with pytest.raises(MissingWeights, match="OpenAI CLIP ViT-L/14 .* `hf download timm/vit_large_patch14_clip_224"):
         load_reward("clip", "cpu")
-    monkeypatch.setattr(rewards, "openai_vit_l14", tiny_clip)
+    monkeypatch.setattr(rewards, "openai_vit_l14", lambda: clip_tower(TOWER_CONFIGS["clip"], tiny=True))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline(urllib.error.URLError("no network")))
     with pytest.raises(MissingWeights, match=r"sac\+logos\+ava1-l14-linearMSE.pth .* copy it to "):
@@ -905,7 +1005,7 @@ from transformers import HfArgumentParser
 import rid
 from test_rid import first_step_gradient
 (args,) = HfArgumentParser(rid.Args).parse_args_into_dataclasses(sys.argv[1:])
-accelerator = Accelerator(cpu=True, mixed_precision=args.mixed_precision)
+accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 torch.save(first_step_gradient(args, accelerator), f"{args.out_dir}.grad_rank{rank}.pt")
 pipe = rid.main(args)
@@ -920,14 +1020,15 @@ def test_two_processes_average_gradients_and_stay_identical(tmp_path):
     main() both ranks hold bit-identical LoRA tensors, the teacher's update included."""
     script = tmp_path / "run_and_save_lora.py"
     script.write_text(RUN_AND_SAVE_LORA)
-    flags = ["--tiny", "--rewards", "aesthetic", "--steps-per-task", "2", "--num-steps", "4", "--resolution", "16"]
+    flags = ["--tiny", "--rewards", "aesthetic", "--steps-per-task", "2", "--num-steps", "4", "--resolution", "16",
+             "--eta", "1.0"]  # DDIM noise too: each process keeps its slice of the global batch's
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *flags,
                           "--batch-size", "1", "--out-dir", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "effective batch: 1 per process x 2 processes x 1 accumulation = 2" in two.stdout
-    args = rid.Args(tiny=True, rewards="aesthetic", num_steps=4, resolution=16, batch_size=2)
+    args = rid.Args(tiny=True, rewards="aesthetic", num_steps=4, resolution=16, batch_size=2, eta=1.0)
     single = first_step_gradient(args, Accelerator(cpu=True))
     for rank in (0, 1):
         averaged = torch.load(tmp_path / f"two.grad_rank{rank}.pt")
@@ -962,22 +1063,122 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(g, (g1 + g2) / 2)
 
 
-def test_a_training_step_in_bf16_on_cpu(tmp_path):
-    """--mixed-precision bf16: the frozen networks run in bf16, the LoRA tensors stay fp32 and train."""
-    script = tmp_path / "run_and_save_lora.py"
-    script.write_text(RUN_AND_SAVE_LORA)
-    done = subprocess.run([sys.executable, str(script), "--tiny", "--rewards", "hps", "--steps-per-task", "2",
-                           "--num-steps", "4", "--resolution", "16", "--mixed-precision", "bf16",
-                           "--out-dir", str(tmp_path / "bf16")],
-                          env={**os.environ, "PYTHONPATH": str(HERE)}, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lora = torch.load(tmp_path / "bf16.lora_rank0.pt")
+def test_a_bf16_run_scores_in_fp32_and_trains_fp32_lora(tmp_path, monkeypatch):
+    """--mixed-precision bf16: the VAE and text encoder run in bf16, the UNet's weights stay fp32 (its sampling steps
+    without gradients run in bf16 under autocast), the rewards are computed in fp32 with autocast off, and the fp32
+    LoRA tensors train."""
+    seen = []
+
+    def record(call, images, rewards):
+        seen.append((torch.is_autocast_enabled("cpu"), images.dtype, rewards.dtype))
+        return rewards
+    monkeypatch.setattr(rid, "load_reward", patched_rewards(record))
+    pipe = rid.main(small_args(tmp_path, rewards="hps", steps_per_task=2, num_steps=4, mixed_precision="bf16"))
+    assert seen == [(False, torch.float32, torch.float32)] * 2
+    lora = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
     assert any(t.abs().max() > 0 for n, t in lora.items() if "lora_B" in n)
-    lines = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert not any(line["skipped"] for line in lines) and all(math.isfinite(line["loss"]) for line in lines)
-    unet_weights = load_file(tmp_path / "bf16" / "base" / "unet" / "diffusion_pytorch_model.safetensors")
-    assert {t.dtype for t in unet_weights.values()} == {torch.bfloat16}  # the frozen UNet ran (and was saved) in bf16
+    assert pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16 and pipe.unet.dtype == torch.float32
+
+
+def test_bf16_distillation_measures_the_weight_difference_as_fp32_does():
+    """A teacher whose LoRA B differs from the student's by a relative 1e-3: under --mixed-precision bf16, L_out and
+    the direction of its gradient must match fp32's, not one bf16 ulp of rounding (the K steps run in fp32)."""
+    results = {}
+    for precision in ("no", "bf16"):
+        args, pipe, params, prompts, latents = tiny_setup(steps=4, dtype=None, mixed_precision=precision)
+        with seeded(5):
+            teacher = {n: p.detach() * (1 + 1e-3 * torch.randn_like(p)) if "lora_B" in n else p.detach().clone()
+                       for n, p in params.items()}
+        _, l_out, _ = rid.sample_latents(pipe, latents, rid.encode_prompts(pipe, prompts), args, 2, teacher)
+        results[precision] = l_out.item(), torch.cat([g.flatten() for g in grads(params, l_out)])
+    (fp32, g_fp32), (bf16, g_bf16) = results["no"], results["bf16"]
+    assert fp32 > 0 and abs(bf16 - fp32) < 0.1 * fp32, (fp32, bf16)
+    assert torch.nn.functional.cosine_similarity(g_fp32, g_bf16, dim=0) > 0.9
+
+
+def test_training_scores_the_clamped_pixels_that_sampling_shows():
+    """train_step's scorer sees exactly the images generate() gives for the same prompts and x_T (clamped to [0, 1]),
+    and the tiny VAE does produce pixels outside [0, 1] before the clamp, so the check can fail."""
+    args, pipe, params, prompts, _ = tiny_setup(steps=3, k=2)
+    seen = []
+    scorer = load_reward("aesthetic", "cpu", tiny=True)
+    rid.train_step(pipe, lambda images, p: seen.append(images.detach()) or scorer(images, p), prompts, None, args,
+                   torch.Generator().manual_seed(0))
+    batch, x_T, _ = rid.draw_batch(pipe, prompts, args, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen[0], rid.generate(pipe, batch, x_T, args), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        x0, _, _ = rid.sample_latents(pipe, x_T, rid.encode_prompts(pipe, batch), args, k=0)
+        raw = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample / 2 + 0.5
+    assert raw.min() < 0 or raw.max() > 1
+
+
+def test_generate_with_eta_draws_its_noise_from_a_generator_not_the_global_rng():
+    args, pipe, _, prompts, latents = tiny_setup(steps=3, eta=1.0)
+    torch.manual_seed(1)
+    first = rid.generate(pipe, prompts, latents, args)
+    torch.manual_seed(2)
+    assert torch.equal(rid.generate(pipe, prompts, latents, args), first)
+    assert not torch.equal(rid.generate(pipe, prompts, latents, args, torch.Generator().manual_seed(7)), first)
+
+
+def overflow_then_nan(overflow_call: int, nan_call: int):
+    """On one call a reward whose gradient is ~1e30 (an fp16 overflow: finite loss, infinite scaled gradient), on
+    another a NaN reward."""
+    def change(call, images, rewards):
+        if call == overflow_call:
+            return rewards + 1e30 * (rewards - rewards.detach())
+        return rewards * float("nan") if call == nan_call else rewards
+    return patched_rewards(change)
+
+
+def test_fp16_overflow_nan_and_shared_adapter_keep_training_with_one_grad_scaler(tmp_path, monkeypatch):
+    """--mixed-precision fp16 on CPU (torch.amp.GradScaler("cpu")), plain-baseline adapter (--shared-adapter) with
+    distillation on, two tasks of 4 steps: an overflow at the last step of task 1 and a NaN reward at the first step
+    of task 2. The overflow does not freeze the EMA teacher later (it is updated after every step taken); task 2's
+    gradients are unscaled once (same magnitude as task 1's, not divided by the loss scale); the NaN step is skipped
+    and the next one runs; the scaler's state is in the checkpoint and restored (also from a checkpoint without)."""
+    monkeypatch.setattr(rid, "load_reward", overflow_then_nan(overflow_call=3, nan_call=4))
+    ema_calls = []
+    ema_update = rid.ema_update
+    monkeypatch.setattr(rid, "ema_update", lambda *a: ema_calls.append(None) or ema_update(*a))
+    args = small_args(tmp_path, rewards="aesthetic,aesthetic", steps_per_task=4, shared_adapter=True,
+                      mixed_precision="fp16")
+    rid.main(args)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["skipped"] for line in lines] == [False] * 4 + [True] + [False] * 3
+    assert not math.isfinite(lines[3]["grad_norm"])  # the overflow: left to the scaler, not counted as bad
+    taken = [line for line in lines if math.isfinite(line["grad_norm"]) and not line["skipped"]]
+    assert len(ema_calls) == len(taken) and sum(line["task"] == 2 for line in taken) == 3
+    task1 = [line["grad_norm"] for line in taken if line["task"] == 1]
+    task2 = [line["grad_norm"] for line in taken if line["task"] == 2]
+    assert task1 and 0.1 < min(task2) / max(task1) and max(task2) / min(task1) < 10, (task1, task2)
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert checkpoint["scaler"]["scale"] < 2.0 ** 16  # lowered by the overflows
+    for saved, scale in ((checkpoint, checkpoint["scaler"]["scale"]), ({**checkpoint, "scaler": None}, 2.0 ** 16)):
+        pipe, scaler = rid.load_pipeline(rid.resolve(args), torch.device("cpu")), torch.amp.GradScaler("cpu")
+        rid.restore(pipe.unet, rid.resolve(args), rid.Progress(tmp_path, torch.Generator()), saved, scaler)
+        assert scaler.get_scale() == scale
+
+
+def test_resume_puts_the_teacher_and_optimizer_state_on_the_model_device():
+    """A checkpoint is loaded onto the CPU; on a GPU the teacher and AdamW's state must follow the LoRA tensors.
+    The meta device stands in for the GPU."""
+    params = {"lora_B": torch.nn.Parameter(torch.randn(3, 2))}
+    optimizer = torch.optim.AdamW(params.values())
+    params["lora_B"].grad = torch.ones(3, 2)
+    optimizer.step()
+    checkpoint = {"step": 1, "teacher": {"lora_B": params["lora_B"].detach().clone()},
+                  "optimizer": optimizer.state_dict()}
+    on_device = {"lora_B": torch.nn.Parameter(torch.empty(3, 2, device="meta"))}
+    optimizer = torch.optim.AdamW(on_device.values())
+    first, teacher = rid.resume_task(checkpoint, on_device, optimizer)
+    assert first == 1 and teacher["lora_B"].device.type == "meta"
+    state = optimizer.state[on_device["lora_B"]]
+    assert state["exp_avg"].device.type == state["exp_avg_sq"].device.type == "meta"
+    assert rid.resume_task({**checkpoint, "teacher": None}, on_device, optimizer)[1] is None  # no distillation
 
 
 # ---------------------------------------------------------------------------------------------- performance (issue 4)
