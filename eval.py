@@ -71,8 +71,8 @@ def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     args = rid.resolve(rid.Args(**json.loads((run / "config.json").read_text())))
     tasks = [run / f"task{i}_{name}" for i, name in enumerate(rid.reward_names(args), start=1)]
     for task in tasks:
-        if not (task / "pytorch_lora_weights.safetensors").is_file():
-            raise rid.UsageError(f"{run}: incomplete run, {task.name}/pytorch_lora_weights.safetensors is missing "
+        if not (task / rid.LORA_FILE).is_file():
+            raise rid.UsageError(f"{run}: incomplete run, {task.name}/{rid.LORA_FILE} is missing "
                                  "(did rid.py finish?)")
     if args.tiny and not (run / "base" / "model_index.json").is_file():
         raise rid.UsageError(f"{run}: incomplete tiny run, base/model_index.json is missing")
@@ -109,7 +109,9 @@ def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int],
     rows = []
     for task in [None, *tasks]:
         if task is not None:
-            pipe.load_lora_weights(task)
+            # The UNet's LoRA alone: pipe.load_lora_weights also looks for text-encoder LoRA keys, which rid.py never
+            # trains, and warns on every load that there are none.
+            pipe.unet.load_lora_adapter(task, weight_name=rid.LORA_FILE, prefix="unet", adapter_name=task.name)
         torch.manual_seed(0)  # the same DDIM noise in every row when eta > 0
         images = []
         for start in chunks:
@@ -117,7 +119,8 @@ def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int],
             images.append(rid.generate(pipe, all_prompts[start:end], latents[start:end], args).cpu())
             bar.update()
         rows.append(torch.cat(images))
-        pipe.unload_lora_weights()
+        if task is not None:
+            pipe.unet.unload_lora()
     bar.close()
     return torch.stack(rows)
 
@@ -253,7 +256,7 @@ def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], 
     scores = score_rows(rows, prompts * len(seeds), scorers, device, opts.batch_size)      # (N+1, S*P, J)
     matrix, gain, learned = scores.mean(1), gain_in_base_std(scores), learned_at(columns, task_rewards)
     result = {
-        "run": str(run), "rows": ["base", *[f"task{i} {name}" for i, name in enumerate(task_rewards, start=1)]],
+        "run": str(run), "rows": figures.model_titles(task_rewards),  # the grid's column titles
         "rewards": columns, "prompts": prompts, "seeds": seeds, "learned_at": learned,
         "reward_matrix": matrix.tolist(), "base_std": scores[0].std(0).tolist(), "gain_in_base_std": gain.tolist(),
         "final_average_reward": final_average(matrix, columns, task_rewards),
@@ -267,7 +270,7 @@ def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], 
     (run / "eval.md").write_text(report_markdown(result))
     figures.eval_rewards(result).savefig(run / "eval_rewards.png")
     labels = [f"{prompt}\nseed {seed}" for seed in seeds for prompt in prompts]  # image s*P + p: prompt p, seed s
-    figures.image_grid(rows.transpose(0, 1), figures.model_titles(task_rewards), labels).save(run / "eval_grid.png")
+    figures.image_grid(rows.transpose(0, 1), result["rows"], labels).save(run / "eval_grid.png")
     written = "eval.json, eval.md, eval_rewards.png, eval_grid.png"
     if (run / "metrics.jsonl").is_file():
         figures.training_curves(figures.read_metrics(run / "metrics.jsonl"), args.grad_clip).savefig(
