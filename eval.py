@@ -76,8 +76,8 @@ def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     args = rid.resolve(rid.Args(**rid.read_config(run / "config.json")))
     tasks = [run / f"task{i}_{name}" for i, name in enumerate(rid.reward_names(args), start=1)]
     for task in tasks:
-        if not (task / "pytorch_lora_weights.safetensors").is_file():
-            raise rid.UsageError(f"{run}: incomplete run, {task.name}/pytorch_lora_weights.safetensors is missing "
+        if not (task / rid.LORA_FILE).is_file():
+            raise rid.UsageError(f"{run}: incomplete run, {task.name}/{rid.LORA_FILE} is missing "
                                  "(did rid.py finish?)")
         check_lora_file(task / "pytorch_lora_weights.safetensors")
     if args.tiny and not (run / "base" / "model_index.json").is_file():
@@ -125,7 +125,9 @@ def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int],
     rows = []
     for task in [None, *tasks]:
         if task is not None:
-            pipe.load_lora_weights(task)
+            # The UNet's LoRA alone: pipe.load_lora_weights also looks for text-encoder LoRA keys, which rid.py never
+            # trains, and warns on every load that there are none.
+            pipe.unet.load_lora_adapter(task, weight_name=rid.LORA_FILE, prefix="unet", adapter_name=task.name)
         generator = torch.Generator().manual_seed(0)  # the same DDIM noise in every row when eta > 0
         images = []
         for start in chunks:
@@ -133,7 +135,8 @@ def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int],
             images.append(rid.generate(pipe, all_prompts[start:end], latents[start:end], args, generator).cpu())
             bar.update()
         rows.append(torch.cat(images))
-        pipe.unload_lora_weights()
+        if task is not None:
+            pipe.unet.unload_lora()
     bar.close()
     return torch.stack(rows)
 
@@ -272,7 +275,7 @@ def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], 
     scores = score_rows(rows, prompts * len(seeds), scorers, device, opts.batch_size)      # (N+1, S*P, J)
     matrix, gain, learned = scores.mean(1), gain_in_base_std(scores), learned_at(columns, task_rewards)
     result = {
-        "run": str(run), "rows": ["base", *[f"task{i} {name}" for i, name in enumerate(task_rewards, start=1)]],
+        "run": str(run), "rows": figures.model_titles(task_rewards),  # the grid's column titles
         "rewards": columns, "prompts": prompts, "seeds": seeds, "learned_at": learned,
         "reward_matrix": matrix.tolist(), "base_std": scores[0].std(0).tolist(), "gain_in_base_std": gain.tolist(),
         "final_average_reward": final_average(matrix, columns, task_rewards),
@@ -283,7 +286,7 @@ def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], 
     own = [f if name in task_rewards else None for name, f in zip(columns, result["forgetting_in_base_std"])]
     result["mean_forgetting_in_base_std"] = mean_defined(own)
     labels = [f"{prompt}\nseed {seed}" for seed in seeds for prompt in prompts]  # image s*P + p: prompt p, seed s
-    grid = figures.image_grid(rows.transpose(0, 1), figures.model_titles(task_rewards), labels)
+    grid = figures.image_grid(rows.transpose(0, 1), result["rows"], labels)
     outputs = {"eval.json": lambda f: f.write(json.dumps(result, indent=2).encode()),
                "eval.md": lambda f: f.write(report_markdown(result).encode()),
                "eval_rewards.png": lambda f: figures.eval_rewards(result).savefig(f, format="png"),

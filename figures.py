@@ -245,6 +245,6 @@ def eval_rewards(result: dict) -> Figure:
     ax_ssim.plot(x, result["structure_drift_ssim"], marker="o", color="black")
     ax_ssim.set(ylabel="mean SSIM to base images", title="structure drift", ylim=(None, 1.02))
     for ax in (ax_gain, ax_ssim):
-        ax.set_xticks(list(x), result["rows"], rotation=20)
+        ax.set_xticks(list(x), result["rows"], rotation=20, ha="right", rotation_mode="anchor")  # ends at the tick
         ax.grid(alpha=0.3)
     return fig

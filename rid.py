@@ -23,16 +23,20 @@ terms, the EMA schedule, which features are distilled) is our reading, with ever
     accelerate launch --multi_gpu --num_processes 4 rid.py --rewards aesthetic,hps --grad-accum 8   # data parallel
     python rid.py ... --resume                          # continue a killed run from its last checkpoint
 """
+import collections
 import contextlib
 import dataclasses
 import difflib
+import importlib
 import json
 import logging
 import math
 import os
 import pickle
+import shlex
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -41,11 +45,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TextIO
 
+import numpy
 import open_clip
 import psutil
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, get_peft_model_state_dict
@@ -112,6 +118,9 @@ class Args:
     shared_adapter: bool = field(default=False, metadata={"help": "one LoRA adapter for all tasks instead of one each"})
     seed: int = field(default=0, metadata={"help": "random seed (LoRA init, prompts, noise)"})
     log_every: int = field(default=10, metadata={"help": "print a summary line every this many steps"})
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = field(default="none", metadata={
+        "help": "also log every metrics line and each task's samples.png to TensorBoard (offline, in OUT/logs) "
+                "and/or Weights & Biases (pip install wandb), through Accelerate's trackers"})
     mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
         "help": "run the VAE, the text encoder and the T-K sampling steps without gradients in bf16/fp16; the K "
                 "gradient steps, the teacher and the rewards stay fp32 (README, Precision)"})
@@ -129,8 +138,10 @@ MODE_DEFAULTS = {
 
 
 # Fields that may change when a run is resumed: they do not change what is computed (cpu: not on a CPU run).
-RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "cpu", "checkpoint_every", "max_bad_steps", "checkpointing")
+RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "cpu", "checkpoint_every", "max_bad_steps", "checkpointing",
+                     "report_to")
 CHECKPOINT = "checkpoint.pt"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes into each task directory
 
 
 class UsageError(ValueError):
@@ -338,6 +349,7 @@ def check_args(args: Args) -> bool:
                          "while the teacher still costs a forward; give a decay in (0, 1], or --lambda-out 0 "
                          "--lambda-feat 0 for no distillation")
     check_feat_layer_names(args)
+    check_trackers(args)
     check_model_path(args)
     return check_out_dir(args)
 
@@ -430,7 +442,7 @@ def load_pipeline(args: Args, device: torch.device, path: str | Path | None = No
     sampling steps without gradients run in the low dtype under autocast, see low_precision).
     `path` loads a saved pipeline instead of building or downloading one (eval.py reloads a tiny run's base/)."""
     if (args.tiny or args.random_weights) and path is None:
-        pipe = random_pipeline(TINY if args.tiny else SD15_ARCHITECTURE)
+        pipe = random_pipeline(TINY if args.tiny else SD15_ARCHITECTURE)  # fp32: the same weights in every precision
     else:
         source = path or args.model
         with fetching(f"--model {source}", f"pre-download it with `hf download {source}` on a machine with "
@@ -441,9 +453,11 @@ def load_pipeline(args: Args, device: torch.device, path: str | Path | None = No
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False).eval()
     pipe.to(device)  # fp32, as loaded or built
-    if args.mixed_precision != "no":
-        for module in (pipe.vae, pipe.text_encoder):
-            module.to(WEIGHT_DTYPES[args.mixed_precision])
+    for module in (pipe.vae, pipe.text_encoder):
+        # Not diffusers' ModelMixin.to(dtype): it warns "modules ... should be kept in float32: []" whenever it is
+        # given a dtype, even for a model with no such module (none of SD1.5's has one); after that check it casts
+        # with torch.nn.Module.to, as here.
+        torch.nn.Module.to(module, WEIGHT_DTYPES[args.mixed_precision])
     return pipe
 
 
@@ -879,6 +893,7 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
         first, teacher = resume_task(resume, params, optimizer)
     bar = tqdm(range(first, args.steps_per_task), desc=f"task {task} ({name})", initial=first,
                total=args.steps_per_task, dynamic_ncols=True, disable=not accelerator.is_main_process)
+    recent_rewards = collections.deque(maxlen=args.log_every)  # the batch rewards since the last summary line
     for step in bar:
         start = time.perf_counter()
         micro_batches = [train_step(pipe, scorer, prompts, teacher, args, progress.generator, accelerator, scaler)
@@ -896,6 +911,8 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
         metrics = {"task": task, "reward": name, "step": step, "lr": optimizer.param_groups[0]["lr"], **metrics,
                    "seconds": time.perf_counter() - start}
         progress.log_line(json.dumps(metrics))
+        accelerator.log(tracker_metrics(metrics), step=progress.lines)  # the global step, as in training_curves.png
+        recent_rewards.append(metrics["reward_mean"])
         bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
         if progress.bad_streak >= args.max_bad_steps:
             last = (f"the last good checkpoint ({progress.saved_at}) is intact in {progress.out / CHECKPOINT}"
@@ -905,7 +922,7 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
         if (step + 1) % args.checkpoint_every == 0 and accelerator.is_main_process:
             save_checkpoint(pipe.unet, progress, task, step + 1, scaler, optimizer, teacher)
         if accelerator.is_main_process and ((step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task):
-            bar.write(summary(metrics, args))
+            bar.write(summary(metrics, args, list(recent_rewards)))
         signum = stop_requested(accelerator)
         if signum:  # the step is complete: checkpoint it, so that --resume continues exactly here
             if accelerator.is_main_process:
@@ -914,17 +931,100 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
                               f"checkpointed; rerun the same command with --resume to continue", signum)
 
 
-def summary(metrics: dict, args: Args) -> str:
-    """The readable line printed every --log-every steps."""
+# ----------------------------------------------------------------------------------------------------------------
+# What a user sees while and after a run: the summary line, the trackers (TensorBoard, W&B), the list of outputs.
+
+def summary(metrics: dict, args: Args, recent_rewards: list[float]) -> str:
+    """The readable line printed every --log-every steps. A batch of a few images gives a reward that swings from
+    step to step, so its mean over the steps since the last line (recent_rewards) stands beside the last value."""
     return (f"task {metrics['task']} {metrics['reward']} step {metrics['step'] + 1}/{args.steps_per_task}: "
-            f"reward {metrics['reward_mean']:.4g} loss {metrics['loss']:.4g} (out {metrics['loss_out']:.3g}, "
-            f"feat {metrics['loss_feat']:.3g}) grad {metrics['grad_norm']:.3g} {metrics['seconds']:.2f}s/step")
+            f"reward {metrics['reward_mean']:.4g} ({running_mean(recent_rewards)}) loss {metrics['loss']:.4g} "
+            f"(out {metrics['loss_out']:.3g}, feat {metrics['loss_feat']:.3g}) grad {metrics['grad_norm']:.3g} "
+            f"{metrics['seconds']:.2f}s/step")
 
 
-def save_task(pipe, out: Path, task: int, name: str, prompts: list[str], args: Args) -> None:
+def running_mean(values: list[float]) -> str:
+    """'mean M over last n steps' of the finite values (a skipped step's NaN reward would hide every other one)."""
+    finite = [value for value in values if math.isfinite(value)]
+    if not finite:
+        return "no finite reward since the last line"
+    return f"mean {statistics.fmean(finite):.4g} over last {len(finite)} step{'s' if len(finite) > 1 else ''}"
+
+
+# --report-to: the trackers each choice starts, and the package each needs (wandb is not in requirements.txt).
+TRACKERS = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
+LOGS = "logs"  # OUT/logs/rid/: TensorBoard's event files; OUT/logs/wandb/: W&B's local files
+
+
+def check_trackers(args: Args) -> None:
+    """--report-to's packages can be imported: a missing one is bad input, refused before anything is written."""
+    for name in TRACKERS[args.report_to]:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise UsageError(f"--report-to {args.report_to}: the {name} package is not installed; `pip install "
+                             f"{name}`, or choose another --report-to") from None
+
+
+def tracker_options(args: Args, out: Path) -> dict:
+    """Accelerator(**...) keywords: the trackers of --report-to, logging under OUT/logs."""
+    return dict(log_with=TRACKERS[args.report_to] or None,  # [] would warn that no tracker is installed
+                project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / LOGS)))
+
+
+def start_trackers(accelerator: Accelerator, args: Args, out: Path, first_step: int) -> None:
+    """Start --report-to's trackers with the run's configuration (Accelerate does so on the main process only).
+    first_step: the global step the run goes on from; on --resume TensorBoard hides what was logged from there on
+    (purge_step), since those steps are run and logged again."""
+    if "wandb" in TRACKERS[args.report_to] and accelerator.is_main_process:
+        (out / LOGS).mkdir(exist_ok=True)
+    accelerator.init_trackers("rid", config=dataclasses.asdict(args), init_kwargs={
+        "tensorboard": {"purge_step": first_step}, "wandb": {"name": out.name, "dir": str(out / LOGS)}})
+
+
+def tracker_metrics(metrics: dict) -> dict[str, float]:
+    """One metrics.jsonl line as tracker scalars. The reward goes under its own name (reward/aesthetic, ...): every
+    reward has its own scale, so one curve across tasks would mislead. The rest goes under train/."""
+    reward = metrics["reward"]
+    scalars = {f"reward/{reward}": metrics["reward_mean"], f"reward_std/{reward}": metrics["reward_std"]}
+    return scalars | {f"train/{key}": float(value) for key, value in metrics.items()
+                      if key not in ("reward", "reward_mean", "reward_std", "step")}
+
+
+def log_image(accelerator: Accelerator, tag: str, image, step: int) -> None:
+    """A picture (PIL) to every tracker: TensorBoard takes an (H, W, 3) uint8 array, W&B a wandb.Image (Accelerate's
+    log_images wraps each image of the list in one)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, numpy.asarray(image), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            tracker.log_images({tag: [image]}, step=step)
+
+
+def where_outputs_went(args: Args, out: Path) -> str:
+    """What a finished run printed last: where each output is, and the command to run next."""
+    tasks = [out / f"task{i}_{name}" for i, name in enumerate(reward_names(args), start=1)]
+    rows = [("LoRA after each task", [task / LORA_FILE for task in tasks]),
+            ("sample grids", [task / "samples.png" for task in tasks]),
+            ("metrics, a line a step", [out / "metrics.jsonl"]), ("training curves", [out / "training_curves.png"]),
+            ("config, checkpoint", [out / "config.json", out / CHECKPOINT])]
+    if args.tiny:
+        rows.append(("tiny base pipeline", [out / "base"]))
+    if "tensorboard" in TRACKERS[args.report_to]:
+        rows.append(("TensorBoard", [f"tensorboard --logdir {shlex.quote(str(out / LOGS))}"]))
+    if "wandb" in TRACKERS[args.report_to]:
+        rows.append(("W&B local files", [out / LOGS / "wandb"]))
+    lines = [f"done: {len(tasks)} task{'s' if len(tasks) > 1 else ''} in {out}"]
+    for label, items in rows:
+        lines += [f"  {label if i == 0 else '':<24}{item}" for i, item in enumerate(items)]
+    return "\n".join(lines + [f"next: python eval.py {shlex.quote(str(out))}   # reward matrix, forgetting, structure "
+                               "drift, eval_grid.png"])
+
+
+def save_task(pipe, out: Path, task: int, name: str, prompts: list[str], args: Args):
     """The model after this task, in OUT/task{task}_{name}/: one diffusers LoRA file (pytorch_lora_weights.safetensors)
     and samples.png, the first 4 prompts from fixed x_T without the LoRA adapters (base) and with them. Then the
-    run's training curves so far, OUT/training_curves.png."""
+    run's training curves so far, OUT/training_curves.png. Returns the samples grid (a PIL image)."""
     grid_prompts = prompts[:4]
     latents = initial_latents(pipe, len(grid_prompts), args.resolution, torch.Generator().manual_seed(args.seed))
     with adapters_disabled(pipe.unet):
@@ -937,6 +1037,7 @@ def save_task(pipe, out: Path, task: int, name: str, prompts: list[str], args: A
         grid.save(tmp / "samples.png")
     curves = figures.training_curves(figures.read_metrics(out / "metrics.jsonl"), args.grad_clip)
     atomic_write(out / "training_curves.png", lambda f: curves.savefig(f, format="png"))
+    return grid
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1137,7 +1238,8 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     # cpu=True without a GPU too: Accelerate recognises several CPU processes (gloo) only when told to use the CPU.
     # Precision is ours, not Accelerate's (see low_precision and full_precision), and so is fp16's grad scaler: one
     # for the whole run, whatever optimizer each task has.
-    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision="no")
+    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision="no",
+                              **tracker_options(args, out))
     check_world_size(accelerator.num_processes)
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=args.mixed_precision == "fp16")
     is_main = accelerator.is_main_process
@@ -1173,7 +1275,8 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     except WriteFailed as error:
         raise WriteFailed(f"{error}; {resume_hint(progress)}") from None
     accelerator.wait_for_everyone()
-    accelerator.print(f"done: {out}")
+    accelerator.end_training()
+    accelerator.print(where_outputs_went(args, out))
     return pipe
 
 
@@ -1181,6 +1284,7 @@ def train(pipe, scorers, prompts, args: Args, progress: Progress, accelerator, s
     """Every task from the checkpoint's on: train it, then write its outputs and a checkpoint at the next task."""
     if accelerator.is_main_process:
         keep_lines(progress.out / "metrics.jsonl", progress.lines)
+    start_trackers(accelerator, args, progress.out, first_step=progress.lines + 1)
     first_task = checkpoint["task"] if checkpoint else 1
     log = open(progress.out / "metrics.jsonl", "a") if accelerator.is_main_process else contextlib.nullcontext()
     with log as progress.log:
@@ -1191,7 +1295,8 @@ def train(pipe, scorers, prompts, args: Args, progress: Progress, accelerator, s
             inside = checkpoint if checkpoint and checkpoint["task"] == task and checkpoint["step"] > 0 else None
             train_task(pipe, scorers[name], prompts, params, args, task, name, progress, accelerator, scaler, inside)
             if accelerator.is_main_process:
-                save_task(pipe, progress.out, task, name, prompts, args)
+                grid = save_task(pipe, progress.out, task, name, prompts, args)
+                log_image(accelerator, f"samples/task{task}_{name}", grid, step=progress.lines)
                 save_checkpoint(pipe.unet, progress, task + 1, 0, scaler)  # the next task starts with a fresh optimizer
 
 
@@ -1225,18 +1330,15 @@ def check_world_size(processes: int) -> None:
 
 class DropLibraryNoise(logging.Filter):
     """Library warnings that would repeat what warn_long_prompts says once per prompt (diffusers repeats a truncated
-    prompt's tail on every encode), or that say nothing (diffusers warns about casting even when no module needs
-    float32: "[]"). Installed on their loggers when rid is imported."""
+    prompt's tail on every encode). Installed on their loggers when rid is imported. (diffusers' "should be kept in
+    float32: []" is avoided at its source instead, in load_pipeline.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith(("The following part of your input was truncated",
-                                        "Token indices sequence length is longer"))
-                    or "should be kept in float32: []" in message)
+        return not record.getMessage().startswith(("The following part of your input was truncated",
+                                                   "Token indices sequence length is longer"))
 
 
-for _logger in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion", "diffusers.models.modeling_utils",
-                "transformers.tokenization_utils_base"):
+for _logger in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion", "transformers.tokenization_utils_base"):
     logging.getLogger(_logger).addFilter(DropLibraryNoise())
 
 

@@ -1,6 +1,9 @@
 """Tests that the method works, on tiny models built from code (CPU, offline)."""
+import contextlib
 import dataclasses
+import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -9,7 +12,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy
 import open_clip
@@ -22,6 +27,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from peft import get_peft_model_state_dict
 from PIL import Image, ImageFont
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import figures
 import rewards
@@ -585,22 +591,45 @@ def test_structure_drift_of_identical_images_is_perfect():
     assert drift[0] == drift[1] == 1 and drift[2] < 0.95
 
 
+@contextlib.contextmanager
+def library_messages():
+    """Collect every Python warning and every record that diffusers, transformers, peft and accelerate log (their
+    handlers hold the stderr of import time, out of capsys's reach), as a list of strings."""
+    messages, handler = [], logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft", "accelerate")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+            messages += [str(warning.message) for warning in caught]
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def evaluated_run(tmp_path_factory):
-    """A 2-task tiny run (tiny settings), evaluated with 2 prompts x 2 seeds and one extra reward."""
+    """A 2-task tiny run (tiny settings, --report-to tensorboard), evaluated with 2 prompts x 2 seeds and one extra
+    reward; with what the run and the evaluation printed, and what the libraries warned or logged meanwhile."""
     out = tmp_path_factory.mktemp("eval_run")
-    rid.main(rid.Args(tiny=True, rewards="compressibility,aesthetic", steps_per_task=2, num_steps=4, resolution=16,
-                      out_dir=str(out)))
-    (out / "training_curves.png").unlink()  # so that the test sees eval.py's own
-    assert evaluation.cli([str(out), "--num-prompts", "2", "--seeds", "0,1", "--extra-rewards", "hps"]) == 0
-    return out
+    printed = io.StringIO()
+    with library_messages() as messages, contextlib.redirect_stdout(printed):
+        rid.main(rid.Args(tiny=True, rewards="compressibility,aesthetic", steps_per_task=2, num_steps=4,
+                          resolution=16, out_dir=str(out), report_to="tensorboard"))
+        (out / "training_curves.png").unlink()  # so that the test sees eval.py's own
+        assert evaluation.cli([str(out), "--num-prompts", "2", "--seeds", "0,1", "--extra-rewards", "hps"]) == 0
+    return SimpleNamespace(out=out, printed=printed.getvalue(), messages=messages)
 
 
 def test_eval_writes_every_output_with_its_shapes(evaluated_run):
-    out = evaluated_run
+    out = evaluated_run.out
     result = json.loads((out / "eval.json").read_text())
     n_tasks, columns = 2, ["compressibility", "aesthetic", "hps"]
-    assert result["rewards"] == columns and result["rows"] == ["base", "task1 compressibility", "task2 aesthetic"]
+    assert result["rewards"] == columns
+    assert result["rows"] == ["base", "after task 1 (compressibility)", "after task 2 (aesthetic)"]  # grid titles
     assert torch.tensor(result["reward_matrix"]).shape == torch.tensor(result["gain_in_base_std"]).shape \
         == (n_tasks + 1, len(columns))
     assert result["gain_in_base_std"][0] == [0.0] * len(columns) and result["structure_drift_ssim"][0] == 1
@@ -626,6 +655,9 @@ def test_eval_writes_every_output_with_its_shapes(evaluated_run):
         expected = load_reward("compressibility", "cpu")(images, prompts * 2)
     assert result["reward_matrix"][0][0] == pytest.approx(expected.mean().item(), rel=1e-5)
     assert torch.equal(grid_tiles(grid, 4, 3, 128)[:, 0], upscaled(images, 128))  # the base column, row by row
+    # The last column: eval.py loads the UNet's LoRA alone; diffusers' documented pipe.load_lora_weights gives the same.
+    base.load_lora_weights(out / "task2_aesthetic")
+    assert torch.equal(grid_tiles(grid, 4, 3, 128)[:, 2], upscaled(rid.generate(base, prompts * 2, latents, args), 128))
 
 
 EVAL_BAD_INPUTS = {  # "{run}": a complete evaluated run, "{t}": the test's directory (see prepare_eval_bad_inputs)
@@ -662,6 +694,7 @@ def prepare_eval_bad_inputs(run: Path, t: Path) -> None:
 def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp_path, capsys, monkeypatch):
     """--compare prints a row per run and a mean ± std row; each bad input (eval.cli, in-process) exits with status
     2 and one line on stderr, and writes nothing."""
+    evaluated_run = evaluated_run.out
     assert evaluation.cli(["--compare", str(evaluated_run), str(evaluated_run)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 + 2 + 1 and "final avg reward" in lines[0] and "hps (final)" in lines[0]
@@ -677,6 +710,69 @@ def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp
     monkeypatch.setattr(evaluation, "generate_rows", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
     assert evaluation.cli([str(evaluated_run)]) == 130  # Ctrl-C
     assert capsys.readouterr().err.endswith("eval.py: interrupted; the outputs written so far are complete\n")
+
+
+# ---------------------------------------------------------------------------------------------- what a user sees (issue 12)
+
+def test_tensorboard_holds_every_metrics_line_and_each_sample_grid(evaluated_run):
+    """--report-to tensorboard, read back with TensorBoard's own reader: a scalar per metric and step (the global step,
+    1, 2, ... over the run), the reward under its own name, and each task's samples.png, pixel for pixel."""
+    out = evaluated_run.out
+    events = EventAccumulator(str(out / "logs" / "rid"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    lines = figures.read_metrics(out / "metrics.jsonl")
+    for key in ("loss", "loss_out", "loss_feat", "grad_norm", "k", "seconds"):
+        logged = [(event.step, event.value) for event in events.Scalars(f"train/{key}")]
+        assert logged == [(g, pytest.approx(line[key], rel=1e-6)) for g, line in enumerate(lines, start=1)], key
+    for task, name in enumerate(["compressibility", "aesthetic"], start=1):
+        steps = [(g, line["reward_mean"]) for g, line in enumerate(lines, start=1) if line["task"] == task]
+        assert [(e.step, e.value) for e in events.Scalars(f"reward/{name}")] == \
+            [(g, pytest.approx(value, rel=1e-6)) for g, value in steps]
+        (image,) = events.Images(f"samples/task{task}_{name}")
+        assert image.step == steps[-1][0]  # logged at the task's last step
+        samples = numpy.asarray(Image.open(out / f"task{task}_{name}" / "samples.png").convert("RGB"))
+        assert numpy.array_equal(numpy.asarray(Image.open(io.BytesIO(image.encoded_image_string))), samples)
+
+
+def test_the_run_ends_by_listing_its_outputs_and_the_next_command(evaluated_run):
+    out, printed = evaluated_run.out, evaluated_run.printed
+    listing = printed[printed.index("done: 2 tasks in"):].splitlines()
+    listing = listing[:next(i for i, line in enumerate(listing) if line.startswith("next:")) + 1]
+    paths = [Path(word) for line in listing for word in line.split() if word.startswith(str(out))]
+    for name in ("task1_compressibility", "task2_aesthetic"):
+        assert {out / name / rid.LORA_FILE, out / name / "samples.png"} <= set(paths)
+    assert {out / "metrics.jsonl", out / "training_curves.png", out / "logs"} <= set(paths)
+    assert all(path.exists() for path in paths), paths
+    assert f"tensorboard --logdir {out / 'logs'}" in printed
+    assert listing[-1].startswith(f"next: python eval.py {out} ")  # what the fixture ran next
+
+
+def test_a_run_and_its_evaluation_emit_neither_noisy_library_warning(evaluated_run):
+    """diffusers' "modules ... should be kept in float32: []" (any ModelMixin.to(dtype)) and "No LoRA keys associated
+    to CLIPTextModel" (pipe.load_lora_weights of a UNet-only LoRA) are avoided at their source, not filtered."""
+    noisy = [m for m in evaluated_run.messages if "should be kept in float32" in m or "No LoRA keys" in m]
+    assert noisy == []
+
+
+def test_report_to_wandb_without_wandb_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError, as where it is not installed
+    for choice in ("wandb", "all"):
+        with pytest.raises(rid.UsageError, match=f"--report-to {choice}: the wandb package is not installed; "
+                                                 "`pip install wandb`"):
+            rid.main(small_args(tmp_path / "out", report_to=choice))
+    assert not (tmp_path / "out").exists()
+
+
+def test_summary_shows_the_running_mean_beside_the_last_reward():
+    """A batch reward swings; the mean over the log interval beside it tells a swing from a divergence. A skipped
+    step's NaN is left out of the mean."""
+    metrics = dict(task=2, reward="hps", step=9, reward_mean=-0.1268, loss=1268.0, loss_out=6e-5, loss_feat=0.61,
+                   grad_norm=0.181, seconds=1.5)
+    line = rid.summary(metrics, rid.resolve(rid.Args(tiny=True)), [0.0015, 0.05, float("nan"), -0.1268])
+    assert line.startswith("task 2 hps step 10/20: reward -0.1268 (mean -0.0251 over last 3 steps) loss 1268 ")
+    assert rid.running_mean([0.5]) == "mean 0.5 over last 1 step"
+    assert rid.running_mean([float("nan")]) == "no finite reward since the last line"
+
 
 # ---------------------------------------------------------------------------------------------- pictures (issue 12)
 
