@@ -441,9 +441,9 @@ def optimizer_step(pipe, scorer, params, teacher, optimizer, args: rid.Args, gen
 
 def minimal_loss(pipe, scorer, args: rid.Args, generator) -> torch.Tensor:
     """The yardstick for rid.py's own overhead: a plain step's loss written as directly as diffusers allows, i.e.
-    the loop every reward-backprop trainer has. The same batch (rid.draw_batch), prompt embeddings and decode as
-    rid.py, the UNet called directly with its adapters active, the last k calls and the decode in non-reentrant
-    activation checkpointing as rid.py's default; none of rid.py's fast path."""
+    the loop every reward-backprop trainer has. The same batch (rid.draw_batch), prompt embeddings, decode and fp32
+    reward (rid.score) as rid.py, the UNet called directly with its adapters active, the last k calls and the
+    decode in non-reentrant activation checkpointing as rid.py's default; none of rid.py's fast path."""
     prompts, x, k = rid.draw_batch(pipe, rid.DEFAULT_PROMPTS, args, generator)
     emb = rid.encode_prompts(pipe, prompts)
 
@@ -461,7 +461,7 @@ def minimal_loss(pipe, scorer, args: rid.Args, generator) -> torch.Tensor:
             eps = checkpoint(guided_eps, x_in, t, use_reentrant=False)
         x = pipe.scheduler.step(eps, t, x, eta=args.eta, generator=generator).prev_sample
     images = checkpoint(rid.decode, pipe.vae, x, use_reentrant=False)
-    return -args.reward_scale * scorer(images, prompts).float().mean()
+    return -args.reward_scale * rid.score(scorer, images, prompts).mean()
 
 
 def minimal_step(pipe, scorer, params, optimizer, args: rid.Args, generator) -> None:

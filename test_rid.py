@@ -149,7 +149,7 @@ def test_fast_path_gives_the_gradients_of_the_plain_loop(dtype, rtol):
 
 def test_folding_restores_the_weights_bit_for_bit_and_changes_nothing_when_disabled():
     args, pipe, params = two_task_setup(torch.float32)
-    unet, x = pipe.unet, torch.randn(1, 4, 2, 2)
+    unet, x = pipe.unet, torch.randn(1, 4, 2, 2, generator=torch.Generator().manual_seed(0))
     emb = rid.encode_prompts(pipe, ["a cat"])
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     trainable, active = {n: p.requires_grad for n, p in unet.named_parameters()}, unet.active_adapters()
@@ -161,7 +161,9 @@ def test_folding_restores_the_weights_bit_for_bit_and_changes_nothing_when_disab
             base = rid.unet_eps(unet, x, 999, emb)[0]
             with rid.adapters_folded(unet):  # nothing active: nothing to fold (the base column of samples.png)
                 assert torch.equal(rid.unet_eps(unet, x, 999, emb)[0], base)
-    assert (folded - plain).norm() <= 1e-5 * plain.norm()  # fp32 rounding of W + B A against W x + B (A x)
+    # fp32 rounding of W + B A against W x + B (A x): up to 2e-5 relative on this tiny model, as much as running the
+    # plain call with 2 threads instead of 1 changes it (1e-6 to 2e-5 over 4 inputs)
+    assert (folded - plain).norm() <= 1e-4 * plain.norm()
     assert (folded - base).abs().max() > 1e-3  # the adapters matter, so the comparison above means something
     assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
     assert {n: p.requires_grad for n, p in unet.named_parameters()} == trainable and unet.active_adapters() == active
