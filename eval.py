@@ -36,6 +36,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from tqdm import tqdm
 
 import figures
+import plumbing
 import rid
 from rewards import REWARDS, TOWER_CONFIGS, Aesthetic, MissingWeights, clip_tower, load_reward, seeded
 
@@ -47,8 +48,8 @@ EVAL_PROMPTS = [
 ]
 
 
-class ArgumentParser(rid.OneLineErrors, argparse.ArgumentParser):
-    """argparse with one-line errors (rid.OneLineErrors)."""
+class ArgumentParser(plumbing.OneLineErrors, argparse.ArgumentParser):
+    """argparse with one-line errors (plumbing.OneLineErrors)."""
 
 
 def parse_args(argv) -> argparse.Namespace:
@@ -72,16 +73,16 @@ def parse_args(argv) -> argparse.Namespace:
 def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     """The run's resolved rid.Args and its task directories (task{i}_{name}), checked to be complete."""
     if not (run / "config.json").is_file():
-        raise rid.UsageError(f"{run}: no config.json; give a run directory written by rid.py")
-    args = rid.resolve(rid.Args(**rid.read_config(run / "config.json")))
+        raise plumbing.UsageError(f"{run}: no config.json; give a run directory written by rid.py")
+    args = rid.resolve(rid.Args(**plumbing.read_config(run / "config.json", rid.Args)))
     tasks = [run / f"task{i}_{name}" for i, name in enumerate(rid.reward_names(args), start=1)]
     for task in tasks:
-        if not (task / rid.LORA_FILE).is_file():
-            raise rid.UsageError(f"{run}: incomplete run, {task.name}/{rid.LORA_FILE} is missing "
+        if not (task / plumbing.LORA_FILE).is_file():
+            raise plumbing.UsageError(f"{run}: incomplete run, {task.name}/{plumbing.LORA_FILE} is missing "
                                  "(did rid.py finish?)")
         check_lora_file(task / "pytorch_lora_weights.safetensors")
     if args.tiny and not (run / "base" / "model_index.json").is_file():
-        raise rid.UsageError(f"{run}: incomplete tiny run, base/model_index.json is missing")
+        raise plumbing.UsageError(f"{run}: incomplete tiny run, base/model_index.json is missing")
     return args, tasks
 
 
@@ -91,23 +92,23 @@ def check_lora_file(path: Path) -> None:
         with safe_open(path, "pt"):
             pass
     except (SafetensorError, OSError) as error:
-        raise rid.UsageError(f"{path} cannot be read ({error}); it is damaged or truncated: rerun that task with "
+        raise plumbing.UsageError(f"{path} cannot be read ({error}); it is damaged or truncated: rerun that task with "
                              "rid.py --resume from a checkpoint, or train the run again") from None
 
 
 def eval_settings(opts: argparse.Namespace) -> tuple[list[str], list[int], list[str]]:
     """The eval prompts, seeds and extra rewards from the flags, checked before any work starts."""
     if opts.num_prompts is not None and opts.num_prompts <= 0 or opts.batch_size <= 0:
-        raise rid.UsageError("--num-prompts and --batch-size must be positive integers")
+        raise plumbing.UsageError("--num-prompts and --batch-size must be positive integers")
     prompts = (rid.read_prompts(opts.prompts) if opts.prompts else EVAL_PROMPTS)[:opts.num_prompts]
     try:
         seeds = [int(seed) for seed in opts.seeds.split(",")]
     except ValueError:
-        raise rid.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {opts.seeds!r}") from None
+        raise plumbing.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {opts.seeds!r}") from None
     extra = [name.strip() for name in opts.extra_rewards.split(",") if name.strip()]
     unknown = [name for name in extra if name not in REWARDS]
     if unknown:
-        raise rid.UsageError(f"--extra-rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
+        raise plumbing.UsageError(f"--extra-rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
     return prompts, seeds, extra
 
 
@@ -127,7 +128,7 @@ def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int],
         if task is not None:
             # The UNet's LoRA alone: pipe.load_lora_weights also looks for text-encoder LoRA keys, which rid.py never
             # trains, and warns on every load that there are none.
-            pipe.unet.load_lora_adapter(task, weight_name=rid.LORA_FILE, prefix="unet", adapter_name=task.name)
+            pipe.unet.load_lora_adapter(task, weight_name=plumbing.LORA_FILE, prefix="unet", adapter_name=task.name)
         generator = torch.Generator().manual_seed(0)  # the same DDIM noise in every row when eta > 0
         images = []
         for start in chunks:
@@ -267,7 +268,7 @@ def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], 
     columns = list(dict.fromkeys(task_rewards + extra))
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = rid.load_pipeline(args, device, run / "base" if args.tiny else None)
-    rid.warn_long_prompts(pipe.tokenizer, prompts)
+    plumbing.warn_long_prompts(pipe.tokenizer, prompts)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     scorers = {name: load_reward(name, device, args.tiny) for name in columns}
 
@@ -295,7 +296,7 @@ def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], 
         curves = figures.training_curves(figures.read_metrics(run / "metrics.jsonl"), args.grad_clip)
         outputs["training_curves.png"] = lambda f: curves.savefig(f, format="png")
     for name, write in outputs.items():  # each complete or as it was: a full disk is one line (exit status 74)
-        rid.atomic_write(run / name, write)
+        plumbing.atomic_write(run / name, write)
     written = ", ".join(outputs)
     print(f"wrote {run}/{written}")
     return result
@@ -308,15 +309,15 @@ EVAL_KEYS = ("rewards", "reward_matrix", "final_average_reward", "final_average_
 def read_eval(run: Path) -> dict:
     """A run's eval.json, checked to hold what --compare reads; a damaged one is one line."""
     if not (run / "eval.json").is_file():
-        raise rid.UsageError(f"{run}: no eval.json; run `python eval.py {run}` first")
+        raise plumbing.UsageError(f"{run}: no eval.json; run `python eval.py {run}` first")
     try:
         result = json.loads((run / "eval.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise rid.UsageError(f"{run}/eval.json cannot be read as JSON ({error}); run `python eval.py {run}` again") \
+        raise plumbing.UsageError(f"{run}/eval.json cannot be read as JSON ({error}); run `python eval.py {run}` again") \
             from None
     missing = [key for key in EVAL_KEYS if key not in result] if isinstance(result, dict) else list(EVAL_KEYS)
     if missing:
-        raise rid.UsageError(f"{run}/eval.json lacks {', '.join(missing)}; run `python eval.py {run}` again")
+        raise plumbing.UsageError(f"{run}/eval.json lacks {', '.join(missing)}; run `python eval.py {run}` again")
     return result
 
 
@@ -435,7 +436,7 @@ def optimizer_step(pipe, scorer, params, teacher, optimizer, args: rid.Args, gen
     """One optimizer step as rid.train_task takes it: train_step (sample with gradients through the last K steps,
     score, backward), then rid.optimizer_update (gradient clipping, AdamW, and for RID the EMA teacher update)."""
     scaler = torch.amp.GradScaler(enabled=False)  # the benchmark runs in fp32: no loss scaling, nothing to keep
-    metrics = rid.train_step(pipe, scorer, rid.DEFAULT_PROMPTS, teacher, args, generator, scaler=scaler)
+    metrics = rid.train_step(pipe, scorer, plumbing.DEFAULT_PROMPTS, teacher, args, generator, scaler=scaler)
     rid.optimizer_update(optimizer, params, scaler, teacher, args, metrics["loss"].item())
 
 
@@ -444,7 +445,7 @@ def minimal_loss(pipe, scorer, args: rid.Args, generator) -> torch.Tensor:
     the loop every reward-backprop trainer has. The same batch (rid.draw_batch), prompt embeddings, decode and fp32
     reward (rid.score) as rid.py, the UNet called directly with its adapters active, the last k calls and the
     decode in non-reentrant activation checkpointing as rid.py's default; none of rid.py's fast path."""
-    prompts, x, k = rid.draw_batch(pipe, rid.DEFAULT_PROMPTS, args, generator)
+    prompts, x, k = rid.draw_batch(pipe, plumbing.DEFAULT_PROMPTS, args, generator)
     emb = rid.encode_prompts(pipe, prompts)
 
     def guided_eps(x_in, t):
@@ -503,7 +504,7 @@ def step_times(opts: argparse.Namespace, ks: list[int], device: torch.device) ->
     step = (pipe3, scorer, params3, rid.new_teacher(params3, args), optimizer3, args, torch.Generator().manual_seed(0))
     jobs[f"rid K={ks[0]} task 3"] = lambda step=step: optimizer_step(*step)
     sample_args = bench_args(opts, "plain", 1)
-    prompts = rid.DEFAULT_PROMPTS[:sample_args.batch_size]
+    prompts = plumbing.DEFAULT_PROMPTS[:sample_args.batch_size]
     latents = rid.initial_latents(pipe, len(prompts), sample_args.resolution, torch.Generator().manual_seed(0))
     jobs["sampling"] = lambda: rid.generate(pipe, prompts, latents, sample_args)
     seconds = {name: [] for name in jobs}
@@ -631,7 +632,7 @@ def benchmark(opts: argparse.Namespace) -> dict:
     t = args.num_steps
     ks = [int(k) for k in opts.ks.split(",") if k.strip().isdigit()]
     if len(ks) != len(opts.ks.split(",")) or not all(1 <= k <= t for k in ks) or opts.repeats <= 0:
-        raise rid.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), and --repeats "
+        raise plumbing.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), and --repeats "
                              f"positive; got --ks {opts.ks} --repeats {opts.repeats}")
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = "tiny" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
@@ -641,7 +642,7 @@ def benchmark(opts: argparse.Namespace) -> dict:
               "seconds": step_times(opts, ks, device), "peak_memory_bytes": peak_memories(opts, ks)}
     print(benchmark_tables(result))
     if opts.json:
-        rid.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
+        plumbing.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result
 
 
@@ -650,9 +651,9 @@ def cli(argv: list[str]) -> int:
     try:
         main(argv)
         return 0
-    except (rid.UsageError, MissingWeights, rid.WriteFailed) as error:
+    except (plumbing.UsageError, MissingWeights, plumbing.WriteFailed) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
-        return rid.EXIT_STATUS[type(error)]
+        return plumbing.EXIT_STATUS[type(error)]
     except KeyboardInterrupt:  # every output is written whole (atomic_write) or not at all
         print("eval.py: interrupted; the outputs written so far are complete", file=sys.stderr)
         return 130

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import figures
+import plumbing
 import rewards
 import rid
 from rewards import OPENAI_MEAN, OPENAI_STD, TOWER_CONFIGS, Aesthetic, MissingWeights, TextImageCosine, centre_crop, \
@@ -139,7 +140,7 @@ def test_fast_path_gives_the_gradients_of_the_plain_loop(dtype, rtol):
     of threads alone does to these gradients."""
     args, pipe, params = two_task_setup(dtype)
     scorer = load_reward("aesthetic", "cpu", tiny=True).to(dtype)
-    rid.train_step(pipe, scorer, rid.DEFAULT_PROMPTS, None, args, torch.Generator().manual_seed(0))
+    rid.train_step(pipe, scorer, plumbing.DEFAULT_PROMPTS, None, args, torch.Generator().manual_seed(0))
     fast = [p.grad.clone() for p in params.values()]
     plain = grads(params, evaluation.minimal_loss(pipe, scorer, args, torch.Generator().manual_seed(0)))
     assert all(g.abs().sum() > 0 for g in plain)
@@ -352,7 +353,7 @@ def test_hps_loader_reads_the_released_layout(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- end to end
 
-EVAL_PROMPTS = rid.DEFAULT_PROMPTS[-6:]  # prompts the grid does not show
+EVAL_PROMPTS = plumbing.DEFAULT_PROMPTS[-6:]  # prompts the grid does not show
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])
@@ -436,7 +437,7 @@ def test_samples_show_the_model_without_adapters_beside_the_trained_one(run):
     the trained state exactly: outputs, active adapters and which LoRA tensors train (PEFT's enable_adapters alone
     would make the frozen task-1 adapter trainable again)."""
     args, trained, out = run
-    unet, prompts = trained.unet, rid.DEFAULT_PROMPTS[:4]
+    unet, prompts = trained.unet, plumbing.DEFAULT_PROMPTS[:4]
     unet.set_adapters(["task1", "task2"])
     for name, p in unet.named_parameters():
         p.requires_grad_(".task2." in name)  # as at the end of training: task 2 trainable, task 1 and the UNet frozen
@@ -530,9 +531,10 @@ def prepare_bad_inputs(t: Path) -> None:
         (t / name / "config.json").write_text(config)
     (t / "bad_config" / "config.json").write_text("{not json")
     torch.save({"task": 1, "step": 2, "lora": {}}, t / "bad_keys" / "checkpoint.pt")
-    unet = rid.random_pipeline(rid.TINY).unet
-    lora = {name: torch.zeros(shape) for name, shape in rid.lora_shapes(unet, ["task1"], rank=2).items()}
-    torch.save({key: None for key in rid.CHECKPOINT_KEYS} | {"task": 1, "step": 2, "adapters": ["task1"], "lora": lora},
+    unet = plumbing.random_pipeline(plumbing.TINY).unet
+    lora = {name: torch.zeros(shape) for name, shape in plumbing.lora_shapes(unet, ["task1"], rank=2).items()}
+    torch.save({key: None for key in plumbing.CHECKPOINT_KEYS} | {"task": 1, "step": 2, "adapters": ["task1"],
+                                                                  "lora": lora},
                t / "other_rank" / "checkpoint.pt")
 
 
@@ -558,7 +560,7 @@ def test_bad_input_gives_one_line_and_exit_status_2_and_writes_nothing(tmp_path,
 
 def test_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(rid.UsageError, match="already holds a run"):
+    with pytest.raises(plumbing.UsageError, match="already holds a run"):
         rid.main(rid.Args(tiny=True, out_dir=str(tmp_path)))
 
 
@@ -742,7 +744,7 @@ def test_the_run_ends_by_listing_its_outputs_and_the_next_command(evaluated_run)
     listing = listing[:next(i for i, line in enumerate(listing) if line.startswith("next:")) + 1]
     paths = [Path(word) for line in listing for word in line.split() if word.startswith(str(out))]
     for name in ("task1_compressibility", "task2_aesthetic"):
-        assert {out / name / rid.LORA_FILE, out / name / "samples.png"} <= set(paths)
+        assert {out / name / plumbing.LORA_FILE, out / name / "samples.png"} <= set(paths)
     assert {out / "metrics.jsonl", out / "training_curves.png", out / "logs"} <= set(paths)
     assert all(path.exists() for path in paths), paths
     assert f"tensorboard --logdir {out / 'logs'}" in printed
@@ -759,7 +761,7 @@ def test_a_run_and_its_evaluation_emit_neither_noisy_library_warning(evaluated_r
 def test_report_to_wandb_without_wandb_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError, as where it is not installed
     for choice in ("wandb", "all"):
-        with pytest.raises(rid.UsageError, match=f"--report-to {choice}: the wandb package is not installed; "
+        with pytest.raises(plumbing.UsageError, match=f"--report-to {choice}: the wandb package is not installed; "
                                                  "`pip install wandb`"):
             rid.main(small_args(tmp_path / "out", report_to=choice))
     assert not (tmp_path / "out").exists()
@@ -770,10 +772,10 @@ def test_summary_shows_the_running_mean_beside_the_last_reward():
     step's NaN is left out of the mean."""
     metrics = dict(task=2, reward="hps", step=9, reward_mean=-0.1268, loss=1268.0, loss_out=6e-5, loss_feat=0.61,
                    grad_norm=0.181, seconds=1.5)
-    line = rid.summary(metrics, rid.resolve(rid.Args(tiny=True)), [0.0015, 0.05, float("nan"), -0.1268])
+    line = plumbing.summary(metrics, rid.resolve(rid.Args(tiny=True)), [0.0015, 0.05, float("nan"), -0.1268])
     assert line.startswith("task 2 hps step 10/20: reward -0.1268 (mean -0.0251 over last 3 steps) loss 1268 ")
-    assert rid.running_mean([0.5]) == "mean 0.5 over last 1 step"
-    assert rid.running_mean([float("nan")]) == "no finite reward since the last line"
+    assert plumbing.running_mean([0.5]) == "mean 0.5 over last 1 step"
+    assert plumbing.running_mean([float("nan")]) == "no finite reward since the last line"
 
 
 # ---------------------------------------------------------------------------------------------- pictures (issue 12)
@@ -977,19 +979,19 @@ def test_a_signal_while_the_models_are_built_stops_before_anything_is_written(tm
 
 
 def test_a_world_size_other_than_asked_is_refused(monkeypatch):
-    monkeypatch.setattr(rid.psutil, "Process", lambda pid: type("P", (), {"cmdline": lambda self: [
+    monkeypatch.setattr(plumbing.psutil, "Process", lambda pid: type("P", (), {"cmdline": lambda self: [
         "/venv/bin/python", "/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "rid.py", "--tiny"]})())
-    assert rid.launcher_processes() == 2
-    with pytest.raises(rid.UsageError, match="asked for 2 processes but started 1"):
-        rid.check_world_size(1)
-    rid.check_world_size(2)
+    assert plumbing.launcher_processes() == 2
+    with pytest.raises(plumbing.UsageError, match="asked for 2 processes but started 1"):
+        plumbing.check_world_size(1)
+    plumbing.check_world_size(2)
 
 
 def test_a_long_prompt_is_warned_about_once_in_one_short_line(capfd):
     """Before: diffusers printed the truncated tail of the prompt on every encode (156 KB of stderr in 2 steps)."""
-    pipe = rid.random_pipeline(rid.TINY)
+    pipe = plumbing.random_pipeline(plumbing.TINY)
     prompts = ["a cat", "a very long prompt " * 300]
-    rid.warn_long_prompts(pipe.tokenizer, prompts)
+    plumbing.warn_long_prompts(pipe.tokenizer, prompts)
     for _ in range(2):
         rid.encode_prompts(pipe, prompts)
     err = capfd.readouterr().err
@@ -1033,7 +1035,7 @@ def test_a_nan_reward_skips_the_update_and_warns(tmp_path, monkeypatch, capsys):
 
 def test_consecutive_nan_steps_stop_the_run_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
     monkeypatch.setattr(rid, "load_reward", nan_on_calls(set(range(2, 100))))
-    with pytest.raises(rid.TrainingStopped, match=r"2 steps in a row .* checkpoint \(task 1, step 2\) is intact"):
+    with pytest.raises(plumbing.TrainingStopped, match=r"2 steps in a row .* checkpoint \(task 1, step 2\) is intact"):
         rid.main(small_args(tmp_path, max_bad_steps=2))
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert (checkpoint["task"], checkpoint["step"]) == (1, 2)
@@ -1042,7 +1044,7 @@ def test_consecutive_nan_steps_stop_the_run_with_the_last_good_checkpoint_intact
 
 def test_resume_with_another_configuration_is_refused_naming_the_fields(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(rid.resolve(small_args(tmp_path)))))
-    with pytest.raises(rid.UsageError, match=r"configuration: --k \(1 -> 2\), --rewards \('aesthetic' -> 'hps'"):
+    with pytest.raises(plumbing.UsageError, match=r"configuration: --k \(1 -> 2\), --rewards \('aesthetic' -> 'hps'"):
         rid.main(small_args(tmp_path, rewards="hps", k=2, log_every=1, resume=True))  # log_every may differ
 
 
@@ -1069,9 +1071,11 @@ def test_missing_reward_weights_give_one_message_saying_how_to_get_them(tmp_path
     monkeypatch.setattr(rewards, "hf_hub_download", offline(LocalEntryNotFoundError("cannot find the file")))
     with pytest.raises(MissingWeights, match="HPS_v2.1_compressed.pt from hub repo xswu/HPSv2 .* `hf download xswu"):
         load_reward("hps", "cpu")
+    create_model = rewards.open_clip.create_model
     monkeypatch.setattr(rewards.open_clip, "create_model", offline(RuntimeError("Failed to download weights")))
     with pytest.raises(MissingWeights, match="OpenAI CLIP ViT-L/14 .* `hf download timm/vit_large_patch14_clip_224"):
         load_reward("clip", "cpu")
+    monkeypatch.setattr(rewards.open_clip, "create_model", create_model)  # the tiny tower below is built from code
     monkeypatch.setattr(rewards, "openai_vit_l14", lambda: clip_tower(TOWER_CONFIGS["clip"], tiny=True))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline(urllib.error.URLError("no network")))
@@ -1089,7 +1093,7 @@ def first_step_gradient(args: rid.Args, accelerator) -> dict[str, torch.Tensor]:
     torch.manual_seed(args.seed)
     params = rid.add_task_adapter(pipe.unet, "task1", args.lora_rank)
     teacher = {n: p.detach().clone() for n, p in params.items()}
-    rid.train_step(pipe, load_reward(args.rewards, accelerator.device, tiny=True), rid.DEFAULT_PROMPTS, teacher,
+    rid.train_step(pipe, load_reward(args.rewards, accelerator.device, tiny=True), plumbing.DEFAULT_PROMPTS, teacher,
                    args, torch.Generator().manual_seed(args.seed), accelerator)
     rid.average_gradients(params, accelerator)
     return {n: p.grad for n, p in params.items()}
@@ -1257,7 +1261,8 @@ def test_fp16_overflow_nan_and_shared_adapter_keep_training_with_one_grad_scaler
     assert checkpoint["scaler"]["scale"] < 2.0 ** 16  # lowered by the overflows
     for saved, scale in ((checkpoint, checkpoint["scaler"]["scale"]), ({**checkpoint, "scaler": None}, 2.0 ** 16)):
         pipe, scaler = rid.load_pipeline(rid.resolve(args), torch.device("cpu")), torch.amp.GradScaler("cpu")
-        rid.restore(pipe.unet, rid.resolve(args), rid.Progress(tmp_path, torch.Generator()), saved, scaler)
+        plumbing.restore(pipe.unet, rid.resolve(args), plumbing.Progress(tmp_path, torch.Generator()), saved, scaler,
+                         rid.add_task_adapter)
         assert scaler.get_scale() == scale
 
 
@@ -1272,11 +1277,11 @@ def test_resume_puts_the_teacher_and_optimizer_state_on_the_model_device():
                   "optimizer": optimizer.state_dict()}
     on_device = {"lora_B": torch.nn.Parameter(torch.empty(3, 2, device="meta"))}
     optimizer = torch.optim.AdamW(on_device.values())
-    first, teacher = rid.resume_task(checkpoint, on_device, optimizer)
+    first, teacher = plumbing.resume_task(checkpoint, on_device, optimizer)
     assert first == 1 and teacher["lora_B"].device.type == "meta"
     state = optimizer.state[on_device["lora_B"]]
     assert state["exp_avg"].device.type == state["exp_avg_sq"].device.type == "meta"
-    assert rid.resume_task({**checkpoint, "teacher": None}, on_device, optimizer)[1] is None  # no distillation
+    assert plumbing.resume_task({**checkpoint, "teacher": None}, on_device, optimizer)[1] is None  # no distillation
 
 
 # ---------------------------------------------------------------------------------------------- performance (issue 4)
@@ -1298,7 +1303,7 @@ def test_sd15_architecture_is_built_from_the_real_configs_without_a_download(mon
     assert counts == [859_520_964, 83_653_863, 123_060_480]
     assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # SD's ids
     assert args.resolution == 512 and args.num_steps == 50  # full-mode defaults
-    with pytest.raises(rid.UsageError, match="exclude each other"):
+    with pytest.raises(plumbing.UsageError, match="exclude each other"):
         rid.check_args(rid.resolve(rid.Args(tiny=True, random_weights=True)))
 
 
