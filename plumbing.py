@@ -10,7 +10,6 @@ trackers, summary line, bad-step streak, periodic checkpoint, stop request) and 
 import collections
 import contextlib
 import dataclasses
-import difflib
 import importlib
 import json
 import logging
@@ -37,12 +36,12 @@ from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import SafetensorError
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, HfArgumentParser
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import figures
+from cli import UsageError, flag
 from rewards import REWARDS, MissingWeights, fetching, seeded
 
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 DEFAULT_PROMPTS = [
     "a photo of a cat", "a photo of a dog", "a horse in a field", "a red fox in the snow", "a lighthouse at dusk",
@@ -58,10 +57,6 @@ RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "cpu", "checkpoint_every"
                      "report_to")
 CHECKPOINT = "checkpoint.pt"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes into each task directory
-
-
-class UsageError(ValueError):
-    """Bad input: printed as one line on stderr, exit status 2, before anything is written."""
 
 
 class TrainingStopped(RuntimeError):
@@ -82,40 +77,6 @@ class Interrupted(RuntimeError):
 
 
 EXIT_STATUS = {UsageError: 2, MissingWeights: 2, TrainingStopped: 3, WriteFailed: 74}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-class OneLineErrors:
-    """An argparse mixin: a parse error (an unknown flag, a value of the wrong type) raises a UsageError, printed as
-    one line, instead of argparse's usage dump; an unknown flag gets the nearest known one as a suggestion."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-    def parse_flags(self, argv: list[str]):
-        """parse_known_args, refusing what is left over."""
-        known, unknown = self.parse_known_args(argv)
-        if unknown:
-            raise UsageError(unknown_argument(unknown[0], self))
-        return known
-
-
-def unknown_argument(argument: str, parser) -> str:
-    options = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
-    if not argument.startswith("-"):
-        return f"unexpected argument {argument!r}: every setting is a --flag (see --help)"
-    close = difflib.get_close_matches(argument.split("=")[0], options, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]}?" if close else "see --help for the flags"
-    return f"unknown flag {argument}; {hint}"
-
-
-class ArgumentParser(OneLineErrors, HfArgumentParser):
-    def parse_into_dataclass(self, argv: list[str]):
-        return self.dataclass_types[0](**vars(self.parse_flags(argv)))
-
 
 
 def reward_names(args) -> list[str]:
@@ -183,6 +144,11 @@ def check_feat_layer_names(args) -> None:
                          "module names, e.g. mid_block,up_blocks.0")
 
 
+def hub_id(args) -> str:
+    """The default --model (rid.SD15): Args is rid.py's, which this module cannot import."""
+    return next(f.default for f in dataclasses.fields(args) if f.name == "model")
+
+
 def check_model_path(args) -> None:
     """A --model that looks like a path (or exists) must be a diffusers pipeline directory: otherwise the hub client
     would call it an invalid repo id."""
@@ -192,7 +158,7 @@ def check_model_path(args) -> None:
     looks_like_path = args.model.startswith(("/", ".", "~")) or args.model.count("/") > 1  # hub ids: "org/name"
     if not path.exists() and looks_like_path:
         raise UsageError(f"--model {args.model}: no such directory; give a diffusers pipeline directory (it holds "
-                         f"model_index.json) or a hub id such as {SD15}")
+                         f"model_index.json) or a hub id such as {hub_id(args)}")
     if path.exists() and not (path / "model_index.json").is_file():
         raise UsageError(f"--model {args.model}: not a diffusers pipeline directory (no model_index.json); give one, "
                          "e.g. a tiny run's base/ directory, or a hub id")

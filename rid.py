@@ -23,77 +23,70 @@ terms, the EMA schedule, which features are distilled) is our reading, with ever
     accelerate launch --multi_gpu --num_processes 4 rid.py --rewards aesthetic,hps --grad-accum 8   # data parallel
     python rid.py ... --resume                          # continue a killed run from its last checkpoint
 """
-import contextlib
 import dataclasses
-import math
 import sys
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig, get_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
-from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
+import cli as command_line  # rid.cli is the function at the end
+from cli import option
 
-from plumbing import (LORA_TARGETS, SD15, WEIGHT_DTYPES, ArgumentParser, Run, average_gradients, check_args,
-                      check_model_args, exit_status, load_pipeline, read_prompts, reward_names, step_metrics)
-from rewards import REWARDS, load_reward
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+REWARD_NAMES = ("aesthetic", "hps", "clip", "compressibility")  # rewards.REWARDS, which needs open_clip (a test checks)
 
 
 @dataclass
 class Args:
-    rewards: str = field(default="aesthetic,hps", metadata={"help": f"task order, comma-separated; known: {', '.join(REWARDS)}"})
-    tiny: bool = field(default=False, metadata={"help": "tiny random models built from code (CPU, no download)"})
-    random_weights: bool = field(default=False, metadata={"help": "SD1.5's architecture with random weights, built "
-                                                                  "from code (no download; for benchmarks)"})
-    out_dir: str = field(default="runs/rid", metadata={"help": "output directory (holds no run yet, unless --resume)"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out-dir from its last checkpoint"})
-    checkpoint_every: int = field(default=50, metadata={"help": "write OUT/checkpoint.pt every this many steps "
-                                                                 "(and at each task end)"})
-    max_bad_steps: int = field(default=5, metadata={"help": "stop after this many consecutive steps with a "
-                                                            "non-finite loss or gradient (each one is skipped)"})
-    model: str = field(default=SD15, metadata={"help": "diffusers Stable Diffusion checkpoint (hub id or local path)"})
-    prompts: str | None = field(default=None, metadata={"help": "text file, one prompt a line (default: built-in set)"})
-    steps_per_task: int | None = field(default=None, metadata={"help": "optimizer steps per reward [full 500, tiny 20]"})
-    num_steps: int | None = field(default=None, metadata={"help": "DDIM steps T [full 50, tiny 10]"})
-    k: int = field(default=1, metadata={"help": "the last K DDIM steps carry gradients (1 <= K <= T)"})
-    random_k: bool = field(default=False, metadata={"help": "draw K uniformly from 1..k once per batch"})
-    batch_size: int | None = field(default=None, metadata={"help": "prompts per process and micro-batch [full 4, tiny 2]"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step (gradient accumulation)"})
-    resolution: int | None = field(default=None, metadata={"help": "image side in pixels [full 512, tiny 32]"})
-    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate [full 4e-4, tiny 3e-2]",
-                                                      "aliases": ["--learning-rate"]})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (pulls LoRA towards the base)"})
-    grad_clip: float = field(default=5.0, metadata={"help": "clip the LoRA gradient norm to this"})
-    lora_rank: int = field(default=4, metadata={"help": "LoRA rank r of each adapter (alpha = r)"})
-    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale w"})
-    eta: float = field(default=0.0, metadata={"help": "DDIM eta (0: deterministic)"})
-    reward_scale: float | None = field(default=None, metadata={"help": "s in L_reward = -s * mean r [full 1, tiny 1e4]"})
-    ema_decay: float | None = field(default=None, metadata={"help": "teacher EMA decay mu in [0, 1]; horizon ~1/(1-mu) "
-                                                                   "steps; 1 = frozen task-start teacher [full 0.99, tiny 0.8]"})
-    lambda_out: float = field(default=1.0, metadata={"help": "weight of output (eps) distillation"})
-    lambda_feat: float = field(default=0.01, metadata={"help": "weight of feature distillation (an MSE of raw "
-                                                                 "activations: far larger than L_out)"})
-    feat_layers: str = field(default="mid_block,up_blocks.0,up_blocks.1",
-                             metadata={"help": "UNet modules whose outputs are distilled, comma-separated"})
-    checkpointing: bool = field(default=True, metadata={"help": "activation checkpointing of the K gradient steps and "
-                                                                "the VAE decode (--no-checkpointing keeps every "
-                                                                "activation: faster, memory grows with K)"})
-    shared_adapter: bool = field(default=False, metadata={"help": "one LoRA adapter for all tasks instead of one each"})
-    seed: int = field(default=0, metadata={"help": "random seed (LoRA init, prompts, noise)"})
-    log_every: int = field(default=10, metadata={"help": "print a summary line every this many steps"})
-    report_to: Literal["none", "tensorboard", "wandb", "all"] = field(default="none", metadata={
-        "help": "also log every metrics line and each task's samples.png to TensorBoard (offline, in OUT/logs) "
-                "and/or Weights & Biases (pip install wandb), through Accelerate's trackers"})
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(default="no", metadata={
-        "help": "run the VAE, the text encoder and the T-K sampling steps without gradients in bf16/fp16; the K "
-                "gradient steps, the teacher and the rewards stay fp32 (README, Precision)"})
-    cpu: bool = field(default=False, metadata={"help": "run on the CPU even if a GPU is visible"})
+    # The method: the reward sequence, truncated backprop, distillation from the EMA teacher, the adapters.
+    rewards: str = option("aesthetic,hps", f"task order, comma-separated; known: {', '.join(REWARD_NAMES)}")
+    k: int = option(1, "the last K DDIM steps carry gradients (1 <= K <= T)")
+    random_k: bool = option(False, "draw K uniformly from 1..k once per batch")
+    lambda_out: float = option(1.0, "weight of output (eps) distillation")
+    lambda_feat: float = option(0.01, "weight of feature distillation (an MSE of raw activations: far larger than "
+                                "L_out)")
+    feat_layers: str = option("mid_block,up_blocks.0,up_blocks.1", "UNet modules whose outputs are distilled, "
+                              "comma-separated")
+    ema_decay: float | None = option(None, "teacher EMA decay mu in [0, 1]; horizon ~1/(1-mu) steps; 1 = frozen "
+                                     "task-start teacher")
+    reward_scale: float | None = option(None, "s in L_reward = -s * mean r")
+    lora_rank: int = option(4, "LoRA rank r of each adapter (alpha = r)")
+    shared_adapter: bool = option(False, "one LoRA adapter for all tasks instead of one each")
+    # Sampling and optimisation.
+    num_steps: int | None = option(None, "DDIM steps T")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale w")
+    eta: float = option(0.0, "DDIM eta (0: deterministic)")
+    steps_per_task: int | None = option(None, "optimizer steps per reward")
+    batch_size: int | None = option(None, "prompts per process and micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step (gradient accumulation)")
+    lr: float | None = option(None, "AdamW learning rate", aliases=["--learning-rate"])
+    weight_decay: float = option(0.1, "AdamW weight decay (pulls LoRA towards the base)")
+    grad_clip: float = option(5.0, "clip the LoRA gradient norm to this")
+    resolution: int | None = option(None, "image side in pixels")
+    seed: int = option(0, "random seed (LoRA init, prompts, noise)")
+    # The run: models, inputs and outputs, resuming, precision and memory, logging (plumbing.py).
+    tiny: bool = option(False, "tiny random models built from code (CPU, no download)")
+    random_weights: bool = option(False, "SD1.5's architecture with random weights, built from code (no download; "
+                                  "for benchmarks)")
+    model: str = option(SD15, "diffusers Stable Diffusion checkpoint (hub id or local path)")
+    prompts: str | None = option(None, "text file, one prompt a line (default: built-in set)")
+    out_dir: str = option("runs/rid", "output directory (holds no run yet, unless --resume)")
+    resume: bool = option(False, "continue the run in --out-dir from its last checkpoint")
+    checkpoint_every: int = option(50, "write OUT/checkpoint.pt every this many steps (and at each task end)")
+    max_bad_steps: int = option(5, "stop after this many consecutive steps with a non-finite loss or gradient (each "
+                                "one is skipped)")
+    checkpointing: bool = option(True, "activation checkpointing of the K gradient steps and the VAE decode: memory "
+                                 "does not grow with K (on by default)", no_help="keep every activation of the K "
+                                 "gradient steps instead: faster, memory grows with K")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "run the VAE, the text encoder and the T-K sampling "
+                                                            "steps without gradients in bf16/fp16; the K gradient "
+                                                            "steps, the teacher and the rewards stay fp32 (README, "
+                                                            "Precision)")
+    cpu: bool = option(False, "run on the CPU even if a GPU is visible")
+    log_every: int = option(10, "print a summary line every this many steps")
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = option("none", "also log every metrics line and each "
+                                                                       "task's samples.png to TensorBoard (offline, "
+                                                                       "in OUT/logs) and/or Weights & Biases (pip "
+                                                                       "install wandb), through Accelerate's trackers")
 
 
 MODE_DEFAULTS = {
@@ -107,13 +100,36 @@ MODE_DEFAULTS = {
 
 
 def parse_args(argv: list[str]) -> Args:
-    return ArgumentParser(Args).parse_into_dataclass(argv)
+    return command_line.parse(Args, argv, MODE_DEFAULTS, prog="rid.py", description=__doc__.split("\n")[0])
 
 
 def resolve(args: Args) -> Args:
     """Fill the per-mode defaults (fields left at None) from MODE_DEFAULTS."""
     defaults = MODE_DEFAULTS["tiny" if args.tiny else "full"]
     return dataclasses.replace(args, **{k: v for k, v in defaults.items() if getattr(args, k) is None})
+
+
+# The command line is parsed before the imports below (torch, diffusers, peft and open_clip take 6-12 s), so that
+# --help and a mistyped flag answer at once.
+if __name__ == "__main__":
+    command_line.parse_or_exit("rid.py", parse_args, sys.argv[1:])  # parsed again by cli() below: a few milliseconds
+
+import contextlib  # noqa: E402  (the heavy imports: after the command line is parsed)
+import math  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
+from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
+from torch.func import functional_call  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from plumbing import (LORA_TARGETS, WEIGHT_DTYPES, Run, average_gradients, check_args, check_model_args,  # noqa: E402
+                      exit_status, load_pipeline, read_prompts, reward_names, step_metrics)
+from rewards import load_reward  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -194,13 +210,6 @@ def guide(eps: torch.Tensor, w: float) -> torch.Tensor:
     """Classifier-free guidance: (2B,...) [uncond; cond] -> eps_u + w (eps_c - eps_u), (B,...)."""
     eps_uncond, eps_cond = eps.chunk(2)
     return eps_uncond + w * (eps_cond - eps_uncond)
-
-
-def distillation_losses(eps, feats, eps_teacher, feats_teacher):
-    """L_out = ||eps_S - eps_T||^2 and L_feat = mean over layers of ||h_S - h_T||^2 (each a mean over elements)."""
-    l_out = F.mse_loss(eps, eps_teacher)
-    l_feat = torch.stack([F.mse_loss(h, h_t) for h, h_t in zip(feats, feats_teacher)]).mean() if feats else 0 * l_out
-    return l_out, l_feat
 
 
 def checkpointed(enabled: bool, fn, *inputs):
@@ -363,6 +372,26 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(stacked)
 
 
+def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA tensors of this task: a fresh adapter, unless it exists (the shared adapter after task 1,
+    or an adapter rebuilt from a checkpoint, which is then the last one added and so the trainable one)."""
+    name = "shared" if args.shared_adapter else f"task{task}"
+    if name in getattr(unet, "peft_config", {}):
+        return adapter_tensors(unet, name)
+    return add_task_adapter(unet, name, args.lora_rank)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distillation: the student against the EMA teacher at the K gradient steps (the teacher's calls are in
+# sample_latents).
+
+def distillation_losses(eps, feats, eps_teacher, feats_teacher):
+    """L_out = ||eps_S - eps_T||^2 and L_feat = mean over layers of ||h_S - h_T||^2 (each a mean over elements)."""
+    l_out = F.mse_loss(eps, eps_teacher)
+    l_feat = torch.stack([F.mse_loss(h, h_t) for h, h_t in zip(feats, feats_teacher)]).mean() if feats else 0 * l_out
+    return l_out, l_feat
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training.
 
@@ -398,15 +427,6 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
 
 
 
-def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str, torch.nn.Parameter]:
-    """The trainable LoRA tensors of this task: a fresh adapter, unless it exists (the shared adapter after task 1,
-    or an adapter rebuilt from a checkpoint, which is then the last one added and so the trainable one)."""
-    name = "shared" if args.shared_adapter else f"task{task}"
-    if name in getattr(unet, "peft_config", {}):
-        return adapter_tensors(unet, name)
-    return add_task_adapter(unet, name, args.lora_rank)
-
-
 def is_finite(*values: float) -> bool:
     return all(math.isfinite(value) for value in values)
 
@@ -429,7 +449,6 @@ def optimizer_update(optimizer, params: dict[str, torch.nn.Parameter], scaler, t
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": grad_norm, "skipped": skipped}
-
 
 
 def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, run: Run) -> None:

@@ -29,6 +29,9 @@ from PIL import Image, ImageFont
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import benchmark
+import cli
+import eval as evaluation
 import figures
 import plumbing
 import rewards
@@ -38,11 +41,37 @@ from rewards import OPENAI_MEAN, OPENAI_STD, TOWER_CONFIGS, Aesthetic, MissingWe
 
 HERE = Path(__file__).parent
 
+# A tiny run of 4 steps on one reward at T=2 and 16x16: a few seconds. A preset for tiny_args and tiny_flags.
+SMALL = dict(rewards="aesthetic", steps_per_task=4, num_steps=2, resolution=16, checkpoint_every=2)
+
+
+def tiny_settings(presets: tuple[dict, ...], overrides: dict) -> dict:
+    return {"tiny": True, **{key: value for preset in presets for key, value in preset.items()}, **overrides}
+
+
+def tiny_args(*presets: dict, **overrides) -> rid.Args:
+    """The one way the tests build rid.py's arguments: tiny mode, then each preset (e.g. SMALL), then the overrides,
+    with tiny mode's defaults filled in (rid.resolve)."""
+    return rid.resolve(rid.Args(**tiny_settings(presets, overrides)))
+
+
+def tiny_flags(*presets: dict, **overrides) -> list[str]:
+    """tiny_args(*presets, **overrides) as rid.py's command-line flags, for rid.cli and subprocesses."""
+    defaults = {f.name: f.default for f in dataclasses.fields(rid.Args)}
+    flags = []
+    for name, value in tiny_settings(presets, overrides).items():
+        spelt = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            flags += [] if value == defaults[name] else [spelt] if value else ["--no-" + spelt[2:]]
+        else:
+            flags += [spelt, str(value)]
+    return flags
+
 
 def tiny_setup(steps=4, dtype=torch.float32, **overrides):
     """A tiny pipeline with one LoRA adapter whose B is non-zero (so that A has a gradient too). dtype=None keeps
     the dtypes of --mixed-precision's policy."""
-    args = rid.resolve(rid.Args(**{"tiny": True, "num_steps": steps, "resolution": 16, "batch_size": 2, **overrides}))
+    args = tiny_args(dict(num_steps=steps, resolution=16, batch_size=2), **overrides)
     pipe = rid.load_pipeline(args, torch.device("cpu"))
     pipe = pipe if dtype is None else pipe.to(dtype=dtype)
     pipe.scheduler.set_timesteps(steps)
@@ -142,7 +171,7 @@ def test_fast_path_gives_the_gradients_of_the_plain_loop(dtype, rtol):
     scorer = load_reward("aesthetic", "cpu", tiny=True).to(dtype)
     rid.train_step(pipe, scorer, plumbing.DEFAULT_PROMPTS, None, args, torch.Generator().manual_seed(0))
     fast = [p.grad.clone() for p in params.values()]
-    plain = grads(params, evaluation.minimal_loss(pipe, scorer, args, torch.Generator().manual_seed(0)))
+    plain = grads(params, benchmark.minimal_loss(pipe, scorer, args, torch.Generator().manual_seed(0)))
     assert all(g.abs().sum() > 0 for g in plain)
     for g, g_ref in zip(fast, plain):
         assert (g - g_ref).norm() <= rtol * g_ref.norm()
@@ -212,7 +241,7 @@ def test_feature_distillation_gradients_survive_checkpoint_recomputation(monkeyp
 
 # ---------------------------------------------------------------------------------------------- rewards
 
-@pytest.mark.parametrize("name", list(rid.REWARDS))
+@pytest.mark.parametrize("name", list(rewards.REWARDS))
 def test_tiny_rewards_are_differentiable_to_the_pixels(name):
     scorer = load_reward(name, "cpu", tiny=True)
     images = torch.rand(3, 3, 24, 32, requires_grad=True)
@@ -359,8 +388,8 @@ EVAL_PROMPTS = plumbing.DEFAULT_PROMPTS[-6:]  # prompts the grid does not show
 @pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])
 def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"run{request.param}")
-    args = rid.Args(tiny=True, rewards="aesthetic,hps", out_dir=str(out), seed=request.param)
-    return rid.resolve(args), rid.main(args), out
+    args = tiny_args(rewards="aesthetic,hps", out_dir=str(out), seed=request.param)
+    return args, rid.main(args), out
 
 
 def diffusers_images(pipe, args, latents):
@@ -369,6 +398,7 @@ def diffusers_images(pipe, args, latents):
                 eta=args.eta, output_type="pt").images
 
 
+@pytest.mark.slow
 def test_run_writes_its_outputs(run):
     args, _, out = run
     assert json.loads((out / "config.json").read_text())["rewards"] == "aesthetic,hps"
@@ -382,6 +412,7 @@ def test_run_writes_its_outputs(run):
     assert Image.open(out / "training_curves.png").size == (1200, 1200)  # rewritten at each task end
 
 
+@pytest.mark.slow
 def test_saved_loras_reproduce_the_trained_model_and_the_rewards_rise(run):
     args, trained, out = run
     base = StableDiffusionPipeline.from_pretrained(out / "base")
@@ -405,6 +436,7 @@ def test_saved_loras_reproduce_the_trained_model_and_the_rewards_rise(run):
     assert rise_hps.mean() > 1e-2, rise_hps
 
 
+@pytest.mark.slow
 def test_earlier_adapter_is_bit_identical_after_the_next_task(run):
     _, trained, out = run
     saved = load_file(out / "task1_aesthetic" / "pytorch_lora_weights.safetensors")
@@ -431,6 +463,7 @@ def upscaled(images: torch.Tensor, side: int) -> torch.Tensor:
                         for image in quantised])
 
 
+@pytest.mark.slow
 def test_samples_show_the_model_without_adapters_beside_the_trained_one(run):
     """samples.png of the last task: column 0 equals the base model's images (saved base/, no LoRA) and column 1 the
     trained model's, for the first 4 prompts from the run's seed. Disabling the adapters for the base column restores
@@ -463,7 +496,7 @@ def test_samples_show_the_model_without_adapters_beside_the_trained_one(run):
 
 # Q: the issue's small tiny run. Each case: extra flags (later flags override Q's), what stderr must say; "{t}" is the
 # test's directory, and PREPARED cases find their --out-dir already filled. Every case fails before a byte is written.
-Q = ["--tiny", "--rewards", "aesthetic", "--steps-per-task", "2", "--num-steps", "2", "--resolution", "16"]
+Q = tiny_flags(rewards="aesthetic", steps_per_task=2, num_steps=2, resolution=16)
 BAD_INPUTS = {
     "unknown reward": (["--rewards", "aesthetic,beauty"], "known rewards: aesthetic, hps, clip, compressibility"),
     "k zero": (["--k", "0"], "--k must be between 1 and --num-steps"),
@@ -558,16 +591,37 @@ def test_bad_input_gives_one_line_and_exit_status_2_and_writes_nothing(tmp_path,
     assert snapshot(tmp_path) == before
 
 
+def test_help_answers_before_torch_and_shows_switches_mode_defaults_and_both_checkpointing_flags():
+    """--help is parsed before the heavy imports (python -X importtime lists every module imported: no torch), and
+    reads as the README: flags with dashes, booleans as switches, mode-dependent defaults from MODE_DEFAULTS."""
+    for program in ("rid.py", "eval.py", "benchmark.py"):
+        shown = subprocess.run([sys.executable, "-X", "importtime", str(HERE / program), "--help"], capture_output=True,
+                               text=True, timeout=60)
+        assert shown.returncode == 0 and "usage:" in shown.stdout, (program, shown.stderr[-2000:])
+        imported = [line.split("|")[-1].strip() for line in shown.stderr.splitlines()
+                    if line.startswith("import time:")]
+        assert "torch" not in imported and "diffusers" not in imported, program
+    text = cli.parser_for(rid.Args, rid.MODE_DEFAULTS).format_help()
+    assert "--steps-per-task STEPS_PER_TASK" in text and "[full 500 / tiny 20]" in text and "None" not in text
+    assert "\n  --tiny " in text and "[--tiny]" in text  # a switch: no value shown
+    helps = {option: action.help for action in cli.parser_for(rid.Args)._actions for option in action.option_strings}
+    assert helps["--checkpointing"] != helps["--no-checkpointing"] and "faster" in helps["--no-checkpointing"]
+    assert rid.parse_args(["--no-checkpointing", "--learning-rate", "0.5"]) == rid.Args(checkpointing=False, lr=0.5)
+    assert rid.parse_args(["--tiny", "false", "--random-k"]) == rid.Args(tiny=False, random_k=True)
+
+
+def test_the_rewards_named_in_help_are_the_rewards_rewards_py_has():
+    assert rid.REWARD_NAMES == tuple(rewards.REWARDS)
+
+
 def test_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(plumbing.UsageError, match="already holds a run"):
-        rid.main(rid.Args(tiny=True, out_dir=str(tmp_path)))
+        rid.main(tiny_args(out_dir=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------- eval.py
 
-# Imported here, not at the top, so that eval.py's tests stay in one section.
-import eval as evaluation  # noqa: E402
 
 
 def test_forgetting_and_averages_on_hand_made_matrices():
@@ -621,13 +675,14 @@ def evaluated_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_run")
     printed = io.StringIO()
     with library_messages() as messages, contextlib.redirect_stdout(printed):
-        rid.main(rid.Args(tiny=True, rewards="compressibility,aesthetic", steps_per_task=2, num_steps=4,
-                          resolution=16, out_dir=str(out), report_to="tensorboard"))
+        rid.main(tiny_args(rewards="compressibility,aesthetic", steps_per_task=2, num_steps=4, resolution=16,
+                           out_dir=str(out), report_to="tensorboard"))
         (out / "training_curves.png").unlink()  # so that the test sees eval.py's own
         assert evaluation.cli([str(out), "--num-prompts", "2", "--seeds", "0,1", "--extra-rewards", "hps"]) == 0
     return SimpleNamespace(out=out, printed=printed.getvalue(), messages=messages)
 
 
+@pytest.mark.slow
 def test_eval_writes_every_output_with_its_shapes(evaluated_run):
     out = evaluated_run.out
     result = json.loads((out / "eval.json").read_text())
@@ -677,7 +732,6 @@ EVAL_BAD_INPUTS = {  # "{run}": a complete evaluated run, "{t}": the test's dire
     "binary prompts": (["{run}", "--prompts", "{t}/binary.txt"], "a binary file"),
     "misspelt flag": (["{run}", "--num-promts", "2"], "unknown flag --num-promts; did you mean --num-prompts?"),
     "seeds not integers": (["{run}", "--seeds", "a"], "--seeds must be comma-separated integers"),
-    "benchmark, ks not integers": (["--benchmark", "--tiny", "--ks", "1,x"], "--ks must be comma-separated integers"),
 }
 
 
@@ -695,6 +749,7 @@ def prepare_eval_bad_inputs(run: Path, t: Path) -> None:
     lora.write_bytes(lora.read_bytes()[:lora.stat().st_size // 2])
 
 
+@pytest.mark.slow
 def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp_path, capsys, monkeypatch):
     """--compare prints a row per run and a mean ± std row; each bad input (eval.cli, in-process) exits with status
     2 and one line on stderr, and writes nothing."""
@@ -718,6 +773,7 @@ def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp
 
 # ---------------------------------------------------------------------------------------------- what a user sees (issue 12)
 
+@pytest.mark.slow
 def test_tensorboard_holds_every_metrics_line_and_each_sample_grid(evaluated_run):
     """--report-to tensorboard, read back with TensorBoard's own reader: a scalar per metric and step (the global step,
     1, 2, ... over the run), the reward under its own name, and each task's samples.png, pixel for pixel."""
@@ -738,6 +794,7 @@ def test_tensorboard_holds_every_metrics_line_and_each_sample_grid(evaluated_run
         assert numpy.array_equal(numpy.asarray(Image.open(io.BytesIO(image.encoded_image_string))), samples)
 
 
+@pytest.mark.slow
 def test_the_run_ends_by_listing_its_outputs_and_the_next_command(evaluated_run):
     out, printed = evaluated_run.out, evaluated_run.printed
     listing = printed[printed.index("done: 2 tasks in"):].splitlines()
@@ -751,6 +808,7 @@ def test_the_run_ends_by_listing_its_outputs_and_the_next_command(evaluated_run)
     assert listing[-1].startswith(f"next: python eval.py {out} ")  # what the fixture ran next
 
 
+@pytest.mark.slow
 def test_a_run_and_its_evaluation_emit_neither_noisy_library_warning(evaluated_run):
     """diffusers' "modules ... should be kept in float32: []" (any ModelMixin.to(dtype)) and "No LoRA keys associated
     to CLIPTextModel" (pipe.load_lora_weights of a UNet-only LoRA) are avoided at their source, not filtered."""
@@ -763,7 +821,7 @@ def test_report_to_wandb_without_wandb_is_refused_before_anything_is_written(tmp
     for choice in ("wandb", "all"):
         with pytest.raises(plumbing.UsageError, match=f"--report-to {choice}: the wandb package is not installed; "
                                                  "`pip install wandb`"):
-            rid.main(small_args(tmp_path / "out", report_to=choice))
+            rid.main(tiny_args(SMALL, out_dir=str(tmp_path / "out"), report_to=choice))
     assert not (tmp_path / "out").exists()
 
 
@@ -772,7 +830,7 @@ def test_summary_shows_the_running_mean_beside_the_last_reward():
     step's NaN is left out of the mean."""
     metrics = dict(task=2, reward="hps", step=9, reward_mean=-0.1268, loss=1268.0, loss_out=6e-5, loss_feat=0.61,
                    grad_norm=0.181, seconds=1.5)
-    line = plumbing.summary(metrics, rid.resolve(rid.Args(tiny=True)), [0.0015, 0.05, float("nan"), -0.1268])
+    line = plumbing.summary(metrics, tiny_args(), [0.0015, 0.05, float("nan"), -0.1268])
     assert line.startswith("task 2 hps step 10/20: reward -0.1268 (mean -0.0251 over last 3 steps) loss 1268 ")
     assert plumbing.running_mean([0.5]) == "mean 0.5 over last 1 step"
     assert plumbing.running_mean([float("nan")]) == "no finite reward since the last line"
@@ -832,7 +890,7 @@ def test_training_curves_mark_tasks_zeros_and_skipped_steps(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- reliability (issue 5)
 
-RESUME_FLAGS = ["--tiny", "--steps-per-task", "4", "--num-steps", "2", "--resolution", "16", "--checkpoint-every", "2"]
+RESUME_FLAGS = tiny_flags(SMALL, rewards="aesthetic,hps")
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
@@ -858,6 +916,7 @@ def kill_when(proc, condition, timeout=180):
     proc.wait()
 
 
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_gives_bit_identical_weights(tmp_path):
     reference = start_cli(tmp_path / "reference")  # uninterrupted, same seed, alongside the killed run
     out, pause = tmp_path / "killed", {"RID_TEST_PAUSE_BEFORE_RENAME": "1"}
@@ -884,7 +943,7 @@ def test_sigkill_anywhere_then_resume_gives_bit_identical_weights(tmp_path):
     assert steps(out) == steps(tmp_path / "reference") and len(steps(out)) == 8
 
 
-STOP_FLAGS = [*RESUME_FLAGS, "--rewards", "aesthetic"]
+STOP_FLAGS = tiny_flags(SMALL)
 
 
 def lora_and_metrics(out: Path):
@@ -907,6 +966,7 @@ def assert_same_run(out: Path, reference: Path) -> None:
     assert steps == steps_ref and len(steps) == 4
 
 
+@pytest.mark.slow
 def test_sigterm_then_the_same_command_resumes_bit_identically_and_then_has_nothing_to_do(reference_run, tmp_path,
                                                                                           monkeypatch, capsys):
     """A preemptible job: the same command with --resume every time, starting on a directory that does not exist.
@@ -940,6 +1000,7 @@ def test_sigterm_then_the_same_command_resumes_bit_identically_and_then_has_noth
     assert (tmp_path / "job" / "metrics.jsonl").stat().st_mtime_ns == metrics.st_mtime_ns
 
 
+@pytest.mark.slow
 def test_a_full_disk_gives_one_line_keeps_the_last_checkpoint_and_resume_continues(reference_run, tmp_path,
                                                                                     monkeypatch, capsys):
     """The second checkpoint write fails as torch.save fails on a full disk (measured on a 1 MiB tmpfs: a
@@ -1019,35 +1080,34 @@ def nan_on_calls(bad_calls):
     return patched_rewards(lambda call, images, rewards: rewards * float("nan") if call in bad_calls else rewards)
 
 
-def small_args(out, **overrides):
-    return rid.Args(**{**dict(tiny=True, rewards="aesthetic", steps_per_task=4, num_steps=2, resolution=16,
-                              checkpoint_every=2, out_dir=str(out)), **overrides})
-
-
+@pytest.mark.slow
 def test_a_nan_reward_skips_the_update_and_warns(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(rid, "load_reward", nan_on_calls({1}))
-    pipe = rid.main(small_args(tmp_path))
+    pipe = rid.main(tiny_args(SMALL, out_dir=str(tmp_path)))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["skipped"] for line in lines] == [False, True, False, False]
     assert capsys.readouterr().err.count("update skipped") == 1
     assert all(torch.isfinite(p).all() for n, p in pipe.unet.named_parameters() if "lora_" in n)
 
 
+@pytest.mark.slow
 def test_consecutive_nan_steps_stop_the_run_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
     monkeypatch.setattr(rid, "load_reward", nan_on_calls(set(range(2, 100))))
     with pytest.raises(plumbing.TrainingStopped, match=r"2 steps in a row .* checkpoint \(task 1, step 2\) is intact"):
-        rid.main(small_args(tmp_path, max_bad_steps=2))
+        rid.main(tiny_args(SMALL, out_dir=str(tmp_path), max_bad_steps=2))
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert (checkpoint["task"], checkpoint["step"]) == (1, 2)
     assert all(torch.isfinite(t).all() for t in [*checkpoint["lora"].values(), *checkpoint["teacher"].values()])
 
 
 def test_resume_with_another_configuration_is_refused_naming_the_fields(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(rid.resolve(small_args(tmp_path)))))
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(tiny_args(SMALL, out_dir=str(tmp_path)))))
     with pytest.raises(plumbing.UsageError, match=r"configuration: --k \(1 -> 2\), --rewards \('aesthetic' -> 'hps'"):
-        rid.main(small_args(tmp_path, rewards="hps", k=2, log_every=1, resume=True))  # log_every may differ
+        rid.main(tiny_args(SMALL, out_dir=str(tmp_path), rewards="hps", k=2, log_every=1,  # log_every may differ
+                           resume=True))
 
 
+@pytest.mark.slow
 def test_missing_model_offline_gives_one_line_and_exit_status_2(tmp_path):
     offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     cases = {"hub id": (["--model", "no-such/model"], "`hf download no-such/model`")}  # a path: BAD_INPUTS
@@ -1103,10 +1163,9 @@ def first_step_gradient(args: rid.Args, accelerator) -> dict[str, torch.Tensor]:
 RUN_AND_SAVE_LORA = """
 import sys, torch
 from accelerate import Accelerator
-from transformers import HfArgumentParser
 import rid
 from test_rid import first_step_gradient
-(args,) = HfArgumentParser(rid.Args).parse_args_into_dataclasses(sys.argv[1:])
+args = rid.parse_args(sys.argv[1:])
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 torch.save(first_step_gradient(args, accelerator), f"{args.out_dir}.grad_rank{rank}.pt")
@@ -1115,6 +1174,7 @@ torch.save({n: p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in
 """
 
 
+@pytest.mark.slow
 def test_two_processes_average_gradients_and_stay_identical(tmp_path):
     """2 processes x batch 1 (torch.distributed on CPU, gloo) against 1 process x batch 2 on the same prompts and noise
     (each process keeps its slice of the shared global batch): the averaged gradient of a step equals the single
@@ -1122,15 +1182,14 @@ def test_two_processes_average_gradients_and_stay_identical(tmp_path):
     main() both ranks hold bit-identical LoRA tensors, the teacher's update included."""
     script = tmp_path / "run_and_save_lora.py"
     script.write_text(RUN_AND_SAVE_LORA)
-    flags = ["--tiny", "--rewards", "aesthetic", "--steps-per-task", "2", "--num-steps", "4", "--resolution", "16",
-             "--eta", "1.0"]  # DDIM noise too: each process keeps its slice of the global batch's
+    two_processes = dict(rewards="aesthetic", num_steps=4, resolution=16, eta=1.0)  # eta: each keeps its noise slice
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *flags,
-                          "--batch-size", "1", "--out-dir", str(tmp_path / "two")],
+    flags = tiny_flags(two_processes, steps_per_task=2, batch_size=1, out_dir=tmp_path / "two")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *flags],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "effective batch: 1 per process x 2 processes x 1 accumulation = 2" in two.stdout
-    args = rid.Args(tiny=True, rewards="aesthetic", num_steps=4, resolution=16, batch_size=2, eta=1.0)
+    args = tiny_args(two_processes, batch_size=2)
     single = first_step_gradient(args, Accelerator(cpu=True))
     for rank in (0, 1):
         averaged = torch.load(tmp_path / f"two.grad_rank{rank}.pt")
@@ -1165,6 +1224,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(g, (g1 + g2) / 2)
 
 
+@pytest.mark.slow
 def test_a_bf16_run_scores_in_fp32_and_trains_fp32_lora(tmp_path, monkeypatch):
     """--mixed-precision bf16: the VAE and text encoder run in bf16, the UNet's weights stay fp32 (its sampling steps
     without gradients run in bf16 under autocast), the rewards are computed in fp32 with autocast off, and the fp32
@@ -1175,7 +1235,7 @@ def test_a_bf16_run_scores_in_fp32_and_trains_fp32_lora(tmp_path, monkeypatch):
         seen.append((torch.is_autocast_enabled("cpu"), images.dtype, rewards.dtype))
         return rewards
     monkeypatch.setattr(rid, "load_reward", patched_rewards(record))
-    pipe = rid.main(small_args(tmp_path, rewards="hps", steps_per_task=2, num_steps=4, mixed_precision="bf16"))
+    pipe = rid.main(tiny_args(SMALL, out_dir=str(tmp_path), rewards="hps", steps_per_task=2, num_steps=4, mixed_precision="bf16"))
     assert seen == [(False, torch.float32, torch.float32)] * 2
     lora = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
@@ -1236,6 +1296,7 @@ def overflow_then_nan(overflow_call: int, nan_call: int):
     return patched_rewards(change)
 
 
+@pytest.mark.slow
 def test_fp16_overflow_nan_and_shared_adapter_keep_training_with_one_grad_scaler(tmp_path, monkeypatch):
     """--mixed-precision fp16 on CPU (torch.amp.GradScaler("cpu")), plain-baseline adapter (--shared-adapter) with
     distillation on, two tasks of 4 steps: an overflow at the last step of task 1 and a NaN reward at the first step
@@ -1246,7 +1307,7 @@ def test_fp16_overflow_nan_and_shared_adapter_keep_training_with_one_grad_scaler
     ema_calls = []
     ema_update = rid.ema_update
     monkeypatch.setattr(rid, "ema_update", lambda *a: ema_calls.append(None) or ema_update(*a))
-    args = small_args(tmp_path, rewards="aesthetic,aesthetic", steps_per_task=4, shared_adapter=True,
+    args = tiny_args(SMALL, out_dir=str(tmp_path), rewards="aesthetic,aesthetic", steps_per_task=4, shared_adapter=True,
                       mixed_precision="fp16")
     rid.main(args)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -1286,6 +1347,7 @@ def test_resume_puts_the_teacher_and_optimizer_state_on_the_model_device():
 
 # ---------------------------------------------------------------------------------------------- performance (issue 4)
 
+@pytest.mark.slow
 def test_sd15_architecture_is_built_from_the_real_configs_without_a_download(monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("--random-weights must not load anything")
@@ -1326,9 +1388,10 @@ def test_checkpointing_off_gives_the_same_step_without_checkpoint_calls(monkeypa
         torch.testing.assert_close(g, g_ref)
 
 
+@pytest.mark.slow
 def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
-    evaluation.main(["--benchmark", "--tiny", "--num-steps", "2", "--resolution", "16", "--ks", "2", "--repeats", "1",
-                     "--reward", "compressibility", "--json", str(tmp_path / "b.json")])  # 2 fresh processes, not 6
+    assert benchmark.cli(["--tiny", "--num-steps", "2", "--resolution", "16", "--ks", "2", "--repeats", "1",
+                          "--reward", "compressibility", "--json", str(tmp_path / "b.json")]) == 0  # 2 processes, not 6
     result = json.loads((tmp_path / "b.json").read_text())
     assert set(result["seconds"]) == {"plain K=2", "rid K=2", "minimal K=2", "rid K=2 task 3", "sampling"}
     assert all(seconds > 0 for seconds in result["seconds"].values())
@@ -1338,3 +1401,5 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert "| K | plain s/step | RID s/step | RID / plain | plain / minimal loop |" in tables and "| 2 |" in tables
     assert "task 3 (two frozen adapters) / task 1" in tables
     assert "peak MiB, checkpointing off" in tables and "T=2" in tables
+    assert benchmark.cli(["--tiny", "--ks", "1,x"]) == 2
+    assert "--ks must be comma-separated integers" in capsys.readouterr().err

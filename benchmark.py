@@ -1,0 +1,336 @@
+"""Benchmark: the cost of one optimizer step, RID against plain fine-tuning, and peak memory against K.
+
+    python benchmark.py --tiny                                   # tiny models, CPU, about a minute
+    python benchmark.py --random-weights --resolution 128 --num-steps 20 --batch-size 1   # CPU, reduced
+    python benchmark.py --random-weights                         # SD1.5 architecture at 512 px (a GPU)
+
+Everything is measured in one process on one model, batch and T, configurations interleaved round by round so that a
+busy machine slows all of them alike; medians over --repeats rounds after one warm-up round. A step is the loop's own
+(rid.train_step, then rid.optimizer_update); a minimal loop written as directly as diffusers allows is the yardstick.
+"""
+import contextlib
+import gc
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import cli as command_line  # benchmark.cli is the function at the end
+
+
+@dataclass
+class BenchmarkArgs:
+    tiny: bool = field(default=False, metadata={"help": "tiny random models (as rid.py --tiny)"})
+    random_weights: bool = field(default=False, metadata={"help": "SD1.5's architecture with random weights"})
+    resolution: int | None = field(default=None, metadata={"help": "image side in pixels [rid.py's default for the "
+                                                                    "mode]"})
+    num_steps: int | None = field(default=None, metadata={"help": "DDIM steps T [rid.py's default for the mode]"})
+    batch_size: int | None = field(default=None, metadata={"help": "prompts per step [rid.py's default for the mode]"})
+    ks: str = field(default="1,5,10", metadata={"help": "the K values to measure, comma-separated"})
+    reward: Literal["aesthetic", "compressibility"] = field(default="aesthetic", metadata={
+        "help": "aesthetic: the CLIP ViT-L/14 tower of the real step (random weights with --random-weights); "
+                "compressibility: no tower"})
+    mixed_precision: Literal["no", "bf16"] = field(default="no", metadata={
+        "help": "rid.py's precision policy to time (bf16: see README, Precision)"})
+    repeats: int = field(default=3, metadata={"help": "timed rounds (the median is reported)"})
+    device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
+    json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})
+
+
+def parse_args(argv: list[str]) -> BenchmarkArgs:
+    opts = command_line.parse(BenchmarkArgs, argv, prog="benchmark.py", description=__doc__.split("\n")[0])
+    if opts.tiny and opts.random_weights:
+        raise command_line.UsageError("--tiny and --random-weights exclude each other: give one")
+    return opts
+
+
+# Parsed before the imports below (torch, diffusers, open_clip take seconds), so that --help and a mistyped flag
+# answer at once; cli() parses again.
+if __name__ == "__main__":
+    command_line.parse_or_exit("benchmark.py", parse_args, sys.argv[1:])
+
+import torch  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import plumbing  # noqa: E402
+import rid  # noqa: E402
+from eval import fmt, markdown_table  # noqa: E402
+from rewards import TOWER_CONFIGS, Aesthetic, MissingWeights, clip_tower, load_reward, seeded  # noqa: E402
+
+BENCH_METHODS = {"plain": dict(lambda_out=0.0, lambda_feat=0.0, shared_adapter=True), "rid": {}}  # rid: defaults
+
+
+def bench_args(opts: BenchmarkArgs, method: str, k: int, checkpointing: bool = True) -> rid.Args:
+    """rid.Args of one benchmark configuration: the mode's defaults, the benchmark's model, batch and T."""
+    sizes = {name: getattr(opts, name) for name in ("resolution", "num_steps", "batch_size")}
+    args = rid.Args(tiny=opts.tiny, random_weights=opts.random_weights, rewards=opts.reward, k=k,
+                    mixed_precision=opts.mixed_precision, checkpointing=checkpointing, **BENCH_METHODS[method], **sizes)
+    return rid.resolve(args)
+
+
+def bench_scorer(opts: BenchmarkArgs, device: torch.device) -> torch.nn.Module:
+    """The benchmark's reward. With --random-weights, aesthetic is the real scorer's architecture (OpenAI CLIP
+    ViT-L/14 and the 768-1024-128-64-16-1 MLP) with random weights: a real step's cost, no download."""
+    if opts.random_weights and opts.reward == "aesthetic":
+        with seeded(1):
+            scorer = Aesthetic(clip_tower(TOWER_CONFIGS["aesthetic"]), dim=768)
+        return scorer.requires_grad_(False).eval().to(device)
+    return load_reward(opts.reward, device, opts.tiny)
+
+
+def bench_setup(opts: BenchmarkArgs, device: torch.device, tasks: int = 1):
+    """The model with `tasks` LoRA adapters (the last one trainable; earlier ones frozen with non-zero B, as after
+    training, so that they cost what trained adapters cost), the scorer, and AdamW over the trainable LoRA."""
+    args = bench_args(opts, "rid", 1)
+    pipe = rid.load_pipeline(args, device)
+    rid.check_model_args(args, pipe)
+    pipe.scheduler.set_timesteps(args.num_steps, device=device)
+    torch.manual_seed(args.seed)
+    for task in range(1, tasks + 1):
+        params = rid.task_adapter(pipe.unet, args, task=task)
+        with torch.no_grad():
+            for name, p in params.items():
+                if task < tasks and "lora_B" in name:
+                    p.add_(0.01 * torch.randn_like(p))
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
+    return pipe, params, bench_scorer(opts, device), optimizer
+
+
+def optimizer_step(pipe, scorer, params, teacher, optimizer, args: rid.Args, generator) -> None:
+    """One optimizer step as rid.train_task takes it: train_step (sample with gradients through the last K steps,
+    score, backward), then rid.optimizer_update (gradient clipping, AdamW, and for RID the EMA teacher update)."""
+    scaler = torch.amp.GradScaler(enabled=False)  # the benchmark runs in fp32: no loss scaling, nothing to keep
+    metrics = rid.train_step(pipe, scorer, plumbing.DEFAULT_PROMPTS, teacher, args, generator, scaler=scaler)
+    rid.optimizer_update(optimizer, params, scaler, teacher, args, metrics["loss"].item())
+
+
+def minimal_loss(pipe, scorer, args: rid.Args, generator) -> torch.Tensor:
+    """The yardstick for rid.py's own overhead: a plain step's loss written as directly as diffusers allows, i.e.
+    the loop every reward-backprop trainer has. The same batch (rid.draw_batch), prompt embeddings, decode and fp32
+    reward (rid.score) as rid.py, the UNet called directly with its adapters active, the last k calls and the
+    decode in non-reentrant activation checkpointing as rid.py's default; none of rid.py's fast path."""
+    prompts, x, k = rid.draw_batch(pipe, plumbing.DEFAULT_PROMPTS, args, generator)
+    emb = rid.encode_prompts(pipe, prompts)
+
+    def guided_eps(x_in, t):
+        eps_uncond, eps_cond = pipe.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=emb).sample.chunk(2)
+        return eps_uncond + args.guidance_scale * (eps_cond - eps_uncond)
+
+    timesteps = pipe.scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        x_in = pipe.scheduler.scale_model_input(x, t)
+        if i < len(timesteps) - k:
+            with torch.no_grad():
+                eps = guided_eps(x_in, t)
+        else:
+            eps = checkpoint(guided_eps, x_in, t, use_reentrant=False)
+        x = pipe.scheduler.step(eps, t, x, eta=args.eta, generator=generator).prev_sample
+    images = checkpoint(rid.decode, pipe.vae, x, use_reentrant=False)
+    return -args.reward_scale * rid.score(scorer, images, prompts).mean()
+
+
+def minimal_step(pipe, scorer, params, optimizer, args: rid.Args, generator) -> None:
+    """minimal_loss, backward, clipping and AdamW: a plain step without rid.py."""
+    minimal_loss(pipe, scorer, args, generator).backward()
+    torch.nn.utils.clip_grad_norm_(params.values(), args.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def synchronized_seconds(fn, device: torch.device) -> float:
+    """Wall-clock seconds of fn(), with the GPU's queued work finished before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def step_times(opts: BenchmarkArgs, ks: list[int], device: torch.device) -> dict[str, float]:
+    """Median seconds of one optimizer step for each (method, K), and of one sampling pass (rid.generate: T steps
+    without gradients and the decode), all on the same model, batch and T. One warm-up round, then --repeats rounds;
+    each round runs every configuration once, so that a busy machine slows every configuration alike."""
+    pipe, params, scorer, optimizer = bench_setup(opts, device)
+    jobs = {}
+    for k in ks:
+        for method in BENCH_METHODS:
+            args = bench_args(opts, method, k)
+            teacher = rid.new_teacher(params, args)
+            step = (pipe, scorer, params, teacher, optimizer, args, torch.Generator().manual_seed(0))
+            jobs[f"{method} K={k}"] = lambda step=step: optimizer_step(*step)
+        if opts.mixed_precision == "no":  # the minimal loop has no precision policy: compared in fp32 only
+            minimal = (pipe, scorer, params, optimizer, bench_args(opts, "plain", k), torch.Generator().manual_seed(0))
+            jobs[f"minimal K={k}"] = lambda minimal=minimal: minimal_step(*minimal)
+    pipe3, params3, _, optimizer3 = bench_setup(opts, device, tasks=3)  # task 3: two frozen adapters, one trained
+    args = bench_args(opts, "rid", ks[0])  # plain trains one shared adapter: its task 3 is its task 1
+    step = (pipe3, scorer, params3, rid.new_teacher(params3, args), optimizer3, args, torch.Generator().manual_seed(0))
+    jobs[f"rid K={ks[0]} task 3"] = lambda step=step: optimizer_step(*step)
+    sample_args = bench_args(opts, "plain", 1)
+    prompts = plumbing.DEFAULT_PROMPTS[:sample_args.batch_size]
+    latents = rid.initial_latents(pipe, len(prompts), sample_args.resolution, torch.Generator().manual_seed(0))
+    jobs["sampling"] = lambda: rid.generate(pipe, prompts, latents, sample_args)
+    seconds = {name: [] for name in jobs}
+    for round_ in tqdm(range(1 + opts.repeats), desc="timing rounds", dynamic_ncols=True):
+        for name, job in jobs.items():
+            elapsed = synchronized_seconds(job, device)
+            if round_ > 0:  # round 0 warms up: first-call allocations, kernel selection, caches
+                seconds[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def resident_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in KiB, from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_training_memory(opts: BenchmarkArgs, k: int, checkpointing: bool) -> int | None:
+    """Peak memory in bytes of one RID optimizer step above what is held before it (the weights, LoRA, teacher and
+    AdamW state), i.e. what training at this K adds. One warm-up step first, so that one-time allocations (AdamW's
+    moments, the libraries' kernel caches) are not counted. On a GPU: the allocator's peak,
+    torch.cuda.max_memory_allocated. On CPU: the kernel's peak resident set size (VmHWM), reset before the step by
+    writing 5 to /proc/self/clear_refs; peak_memories runs this in a fresh process whose malloc returns every large
+    block to the kernel when it is freed, so that resident memory follows the live tensors. None if out of memory."""
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe, params, scorer, optimizer = bench_setup(opts, device)
+    args = bench_args(opts, "rid", k, checkpointing)
+    teacher, generator = rid.new_teacher(params, args), torch.Generator().manual_seed(0)
+    try:
+        optimizer_step(pipe, scorer, params, teacher, optimizer, args, generator)  # warm-up
+    except torch.OutOfMemoryError:
+        return None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+        before = resident_kib("VmRSS") * 1024
+    try:
+        optimizer_step(pipe, scorer, params, teacher, optimizer, args, generator)
+    except torch.OutOfMemoryError:
+        return None
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_kib("VmHWM") * 1024
+    return peak - before
+
+
+@contextlib.contextmanager
+def child_environment(**variables: str):
+    """Set environment variables for the processes started inside the block (this process's own malloc has read
+    its settings at start-up already), and restore the environment after it."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def peak_memories(opts: BenchmarkArgs, ks: list[int]) -> dict[str, int | None]:
+    """peak_training_memory for every K, checkpointing on and off, each in its own fresh (spawned) process, so that
+    no configuration inherits another's memory. In those processes glibc's malloc serves every block of 64 KiB or
+    more with mmap and unmaps it when freed (MALLOC_MMAP_THRESHOLD_; setting it also stops glibc from raising the
+    threshold on its own): freed tensors then leave the resident set at once instead of staying cached in the heap.
+    A process killed for lack of memory (the CPU's OOM killer) gives None, as a GPU OOM does."""
+    results = {}
+    for k in ks:
+        for checkpointing in (True, False):
+            name = f"K={k} checkpointing {'on' if checkpointing else 'off'}"
+            with child_environment(MALLOC_MMAP_THRESHOLD_="65536"), \
+                    ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                try:
+                    results[name] = pool.submit(peak_training_memory, opts, k, checkpointing).result()
+                except BrokenProcessPool:
+                    results[name] = None
+            print(f"peak memory, {name}: {fmt(mib(results[name]))} MiB", file=sys.stderr)
+    return results
+
+
+def mib(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 2 ** 20
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def benchmark_tables(result: dict) -> str:
+    """The benchmark's results as two Markdown tables: time against K, a minimal loop and sampling; memory against
+    K; and the time of RID's task 3 (two frozen adapters) against its task 1."""
+    t, seconds, memory = result["num_steps"], result["seconds"], result["peak_memory_bytes"]
+    time_rows, memory_rows = [], []
+    for k in result["ks"]:
+        plain, rid_, floor = seconds[f"plain K={k}"], seconds[f"rid K={k}"], (t + 3 * k) / t
+        time_rows.append([str(k), plain, rid_, rid_ / plain, ratio(plain, seconds.get(f"minimal K={k}")),
+                          plain / seconds["sampling"], floor, plain / seconds["sampling"] / floor,
+                          rid_ / seconds["sampling"] / floor])
+        on, off = memory[f"K={k} checkpointing on"], memory[f"K={k} checkpointing off"]
+        first_on, first_off = (memory[f"K={result['ks'][0]} checkpointing {c}"] for c in ("on", "off"))
+        memory_rows.append([str(k), mib(on), ratio(on, first_on), mib(off), ratio(off, first_off)])
+    first = result["ks"][0]
+    task3 = seconds[f"rid K={first} task 3"]
+    return "\n\n".join([
+        f"{result['model']}, {result['resolution']} px, batch {result['batch_size']}, T={t}, reward "
+        f"{result['reward']}, --mixed-precision {result['precision']}, {result['device']}; medians of "
+        f"{result['repeats']} rounds; one sampling pass: "
+        f"{seconds['sampling']:.4g} s",
+        markdown_table(["K", "plain s/step", "RID s/step", "RID / plain", "plain / minimal loop", "plain / sampling",
+                        "floor (T+3K)/T", "plain / sampling / floor", "RID / sampling / floor"], time_rows),
+        f"RID at K={first}, task 3 (two frozen adapters) / task 1: {task3:.4g} s / {seconds[f'rid K={first}']:.4g} s"
+        f" = {task3 / seconds[f'rid K={first}']:.3f}",
+        markdown_table(["K", "peak MiB, checkpointing on", f"on / on at K={first}", "peak MiB, checkpointing off",
+                        f"off / off at K={first}"], memory_rows)])
+
+
+def benchmark(opts: BenchmarkArgs) -> dict:
+    """Run the benchmark; print its tables (and write --json). Returns every number."""
+    args = bench_args(opts, "rid", 1)
+    t = args.num_steps
+    ks = [int(k) for k in opts.ks.split(",") if k.strip().isdigit()]
+    if len(ks) != len(opts.ks.split(",")) or not all(1 <= k <= t for k in ks) or opts.repeats <= 0:
+        raise plumbing.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), and "
+                                  f"--repeats positive; got --ks {opts.ks} --repeats {opts.repeats}")
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = "tiny" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    result = {"model": model, "device": where, "resolution": args.resolution, "batch_size": args.batch_size,
+              "num_steps": t, "ks": ks, "reward": opts.reward, "repeats": opts.repeats,
+              "precision": opts.mixed_precision,
+              "seconds": step_times(opts, ks, device), "peak_memory_bytes": peak_memories(opts, ks)}
+    print(benchmark_tables(result))
+    if opts.json:
+        plumbing.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
+    return result
+
+
+def cli(argv: list[str]) -> int:
+    """python benchmark.py ...: 0 done, 2 bad input, 74 a write failed, 130 Ctrl-C; each failure one line on stderr."""
+    try:
+        benchmark(parse_args(argv))
+        return 0
+    except (plumbing.UsageError, MissingWeights, plumbing.WriteFailed) as error:
+        print(f"benchmark.py: error: {error}", file=sys.stderr)
+        return plumbing.EXIT_STATUS[type(error)]
+    except KeyboardInterrupt:
+        print("benchmark.py: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
