@@ -3,9 +3,10 @@
 Each field is a flag spelt with dashes (`batch_size` -> `--batch-size`), its `help` metadata the help text, its
 `aliases` metadata more spellings. Booleans are switches (`--tiny`). In a program without positional arguments an
 explicit value (`--tiny false`, as older command lines give it) is still understood; with positional arguments it
-would swallow the next one (`--compare RUN`). A boolean that defaults to on also gets `--no-<flag>` with its own help (metadata `no_help`). `Literal[...]` gives
-choices. A field left at None whose value depends on the mode shows "[full X / tiny Y]" from the mode table instead of
-"None". Metadata `positional` makes a field positional (its `nargs` from metadata).
+would swallow the next one (`--compare RUN`). A boolean that defaults to on also gets `--no-<flag>` with its own
+help (metadata `no_help`). `Literal[...]` gives choices. A field left at None whose value depends on the mode shows
+"[full X / tiny Y]" from the mode table instead of "None". Metadata `positional` makes a field positional (its
+`nargs` from metadata).
 
 Only the standard library is imported here, so that `--help` and a mistyped flag answer at once, before torch.
 Every error is one line, raised as UsageError for the caller to print (exit status 2).

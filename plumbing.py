@@ -313,7 +313,7 @@ WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 def load_pipeline(args, device: torch.device, path: str | Path | None = None) -> StableDiffusionPipeline:
     """The frozen base model with a DDIM scheduler, the same object in every mode. The VAE and the text encoder are
     in --mixed-precision's dtype; the UNet stays fp32, since its K gradient steps and the teacher run in fp32 (its
-    sampling steps without gradients run in the low dtype under autocast, see low_precision).
+    sampling steps without gradients run in the low dtype under autocast, see rid.low_precision).
     `path` loads a saved pipeline instead of building or downloading one (eval.py reloads a tiny run's base/)."""
     if (args.tiny or args.random_weights) and path is None:
         pipe = random_pipeline(TINY if args.tiny else SD15_ARCHITECTURE)  # fp32: the same weights in every precision
@@ -746,7 +746,7 @@ def check_world_size(processes: int) -> None:
 
 class DropLibraryNoise(logging.Filter):
     """Library warnings that would repeat what warn_long_prompts says once per prompt (diffusers repeats a truncated
-    prompt's tail on every encode). Installed on their loggers when rid is imported. (diffusers' "should be kept in
+    prompt's tail on every encode). Installed on their loggers when plumbing is imported. (diffusers' "should be kept in
     float32: []" is avoided at its source instead, in load_pipeline.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -838,7 +838,7 @@ class Run:
             print(f"{self.out}: all {len(reward_names(args))} tasks are done; nothing to do", file=sys.stderr)
             return
         # cpu=True without a GPU too: Accelerate recognises several CPU processes (gloo) only when told to use the
-        # CPU. Precision is rid.py's, not Accelerate's (see low_precision and full_precision), and so is the scaler.
+        # CPU. Precision is rid.py's, not Accelerate's (rid.low_precision, rid.full_precision), and so is the scaler.
         self.accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), mixed_precision="no",
                                        **tracker_options(args, self.out))
         check_world_size(self.accelerator.num_processes)
@@ -941,7 +941,7 @@ class Run:
                                   f"non-finite loss or gradient (--max-bad-steps {args.max_bad_steps}); stopped; "
                                   f"{last}")
         if (step + 1) % args.checkpoint_every == 0 and self.is_main:
-            self.save_checkpoint(self.task, step + 1)
+            self.checkpoint_at(self.task, step + 1)
         if self.is_main and ((step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task):
             self.bar.write(summary(metrics, args, list(self.recent_rewards)))
         self.stop_if_requested()
@@ -961,13 +961,14 @@ class Run:
         signum = stop_requested(self.accelerator)
         if signum:
             if self.is_main:
-                self.save_checkpoint(self.task, self.step + 1)
+                self.checkpoint_at(self.task, self.step + 1)
             raise Interrupted(f"stopped by {signal.Signals(signum).name} after task {self.task}, step {self.step + 1}, "
                               f"checkpointed; rerun the same command with --resume to continue", signum)
 
-    def save_checkpoint(self, task: int, step: int, optimizer=True) -> None:
-        save_checkpoint(self.unet, self.progress, task, step, self.scaler, self.optimizer if optimizer else None,
-                        self.teacher if optimizer else None)
+    def checkpoint_at(self, task: int, step: int, inside_task: bool = True) -> None:
+        """save_checkpoint at this point; inside a task with its optimizer and teacher, at a task's start without."""
+        save_checkpoint(self.unet, self.progress, task, step, self.scaler, self.optimizer if inside_task else None,
+                        self.teacher if inside_task else None)
 
     def task_end(self, images: torch.Tensor, prompts: list[str], lora: dict) -> None:
         """After each task (main process): OUT/task{n}_{reward}/ with the LoRA file and samples.png (images
@@ -982,4 +983,4 @@ class Run:
         curves = figures.training_curves(figures.read_metrics(out / "metrics.jsonl"), args.grad_clip)
         atomic_write(out / "training_curves.png", lambda f: curves.savefig(f, format="png"))
         log_image(self.accelerator, f"samples/task{task}_{self.name}", grid, step=self.progress.lines)
-        self.save_checkpoint(task + 1, 0, optimizer=False)
+        self.checkpoint_at(task + 1, 0, inside_task=False)
