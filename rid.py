@@ -18,7 +18,7 @@ sequential reward fine-tuning, the baseline.
 The RIL/RID paper (arXiv 2411.17310) has no public code; everything more specific than its abstract (the loss
 terms, the EMA schedule, which features are distilled) is our reading, with every choice a flag below.
 
-    python rid.py --tiny --rewards aesthetic,hps        # tiny random models, CPU, about 15 s
+    python rid.py --tiny --rewards aesthetic,hps        # tiny random models, CPU, 30-90 s (README: measured)
     python rid.py --rewards aesthetic,hps               # Stable Diffusion v1.5 on a GPU
     accelerate launch --multi_gpu --num_processes 4 rid.py --rewards aesthetic,hps --grad-accum 8   # data parallel
     python rid.py ... --resume                          # continue a killed run from its last checkpoint
@@ -893,7 +893,7 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
         first, teacher = resume_task(resume, params, optimizer)
     bar = tqdm(range(first, args.steps_per_task), desc=f"task {task} ({name})", initial=first,
                total=args.steps_per_task, dynamic_ncols=True, disable=not accelerator.is_main_process)
-    recent_rewards = collections.deque(maxlen=args.log_every)  # the batch rewards since the last summary line
+    recent_rewards = collections.deque(maxlen=args.log_every)  # the batch rewards of the last --log-every steps
     for step in bar:
         start = time.perf_counter()
         micro_batches = [train_step(pipe, scorer, prompts, teacher, args, progress.generator, accelerator, scaler)
@@ -936,7 +936,7 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
 
 def summary(metrics: dict, args: Args, recent_rewards: list[float]) -> str:
     """The readable line printed every --log-every steps. A batch of a few images gives a reward that swings from
-    step to step, so its mean over the steps since the last line (recent_rewards) stands beside the last value."""
+    step to step, so its mean over the last --log-every steps of this task (recent_rewards) stands beside it."""
     return (f"task {metrics['task']} {metrics['reward']} step {metrics['step'] + 1}/{args.steps_per_task}: "
             f"reward {metrics['reward_mean']:.4g} ({running_mean(recent_rewards)}) loss {metrics['loss']:.4g} "
             f"(out {metrics['loss_out']:.3g}, feat {metrics['loss_feat']:.3g}) grad {metrics['grad_norm']:.3g} "
