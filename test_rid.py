@@ -556,6 +556,14 @@ def test_bad_input_gives_one_line_and_exit_status_2_and_writes_nothing(tmp_path,
     assert snapshot(tmp_path) == before
 
 
+def test_ema_decay_0_with_distillation_is_refused(tmp_path):
+    """With mu = 0 the teacher is the student after every step: both distillation losses are 0 (the same UsageError
+    path as the command-line cases above, checked in-process to spare a subprocess)."""
+    with pytest.raises(rid.UsageError, match="--ema-decay 0 makes the teacher a copy of the student"):
+        rid.check_args(rid.resolve(rid.Args(tiny=True, ema_decay=0.0, out_dir=str(tmp_path))))
+    rid.check_args(rid.resolve(rid.Args(tiny=True, ema_decay=0.0, lambda_out=0, lambda_feat=0, out_dir=str(tmp_path))))
+
+
 def test_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(rid.UsageError, match="already holds a run"):
@@ -1066,13 +1074,14 @@ def test_missing_reward_weights_give_one_message_saying_how_to_get_them(tmp_path
         def fail(*args, **kwargs):
             raise error
         return fail
+    tiny_tower = clip_tower(TOWER_CONFIGS["clip"], tiny=True)  # built before open_clip is made to fail
     monkeypatch.setattr(rewards, "hf_hub_download", offline(LocalEntryNotFoundError("cannot find the file")))
     with pytest.raises(MissingWeights, match="HPS_v2.1_compressed.pt from hub repo xswu/HPSv2 .* `hf download xswu"):
         load_reward("hps", "cpu")
     monkeypatch.setattr(rewards.open_clip, "create_model", offline(RuntimeError("Failed to download weights")))
     with pytest.raises(MissingWeights, match="OpenAI CLIP ViT-L/14 .* `hf download timm/vit_large_patch14_clip_224"):
         load_reward("clip", "cpu")
-    monkeypatch.setattr(rewards, "openai_vit_l14", lambda: clip_tower(TOWER_CONFIGS["clip"], tiny=True))
+    monkeypatch.setattr(rewards, "openai_vit_l14", lambda: tiny_tower)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline(urllib.error.URLError("no network")))
     with pytest.raises(MissingWeights, match=r"sac\+logos\+ava1-l14-linearMSE.pth .* copy it to "):
