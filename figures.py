@@ -195,7 +195,7 @@ def training_curves(lines: list[dict], grad_clip: float | None = None) -> Figure
         rewards.plot(steps, mean, marker=".", label="batch mean")
         rewards.set(title=label, ylabel=f"reward ({task_lines[0]['reward']})")
         plot_terms(losses, [segment], {"loss": dict(label="L (total)", linewidth=4, alpha=0.4),
-                                       "loss_reward": dict(label="L_reward = -s mean r")}, log_if_spread=False)
+                                       "loss_reward": dict(label="L_reward\n= -s mean r")}, log_if_spread=False)
         losses.set(ylabel="loss", xlabel="optimizer step (all tasks)")
         for ax in (rewards, losses):
             mark_tasks_and_skips(ax, [], [g for g in skipped if g in steps])

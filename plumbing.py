@@ -439,7 +439,7 @@ def step_metrics(micro_batches: list[dict], accelerator: Accelerator) -> dict:
 
 def summary(metrics: dict, args, recent_rewards: list[float]) -> str:
     """The readable line printed every --log-every steps. A batch of a few images gives a reward that swings from
-    step to step, so its mean over the steps since the last line (recent_rewards) stands beside the last value."""
+    step to step, so its mean over the last --log-every steps of this task (recent_rewards) stands beside it."""
     return (f"task {metrics['task']} {metrics['reward']} step {metrics['step'] + 1}/{args.steps_per_task}: "
             f"reward {metrics['reward_mean']:.4g} ({running_mean(recent_rewards)}) loss {metrics['loss']:.4g} "
             f"(out {metrics['loss_out']:.3g}, feat {metrics['loss_feat']:.3g}) grad {metrics['grad_norm']:.3g} "
@@ -918,7 +918,7 @@ class Run:
         """The task's steps from `first` on, under a progress bar; each one timed for its metrics line."""
         self.bar = tqdm(range(first, self.args.steps_per_task), desc=f"task {self.task} ({self.name})", initial=first,
                         total=self.args.steps_per_task, dynamic_ncols=True, disable=not self.is_main)
-        self.recent_rewards = collections.deque(maxlen=self.args.log_every)  # the batch rewards since the last summary
+        self.recent_rewards = collections.deque(maxlen=self.args.log_every)  # the batch rewards of the last --log-every steps
         for self.step in self.bar:
             self.started = time.perf_counter()
             yield self.step

@@ -18,7 +18,7 @@ sequential reward fine-tuning, the baseline.
 The RIL/RID paper (arXiv 2411.17310) has no public code; everything more specific than its abstract (the loss
 terms, the EMA schedule, which features are distilled) is our reading, with every choice a flag below.
 
-    python rid.py --tiny --rewards aesthetic,hps        # tiny random models, CPU, about 15 s
+    python rid.py --tiny --rewards aesthetic,hps        # tiny random models, CPU, 30-90 s (README: measured)
     python rid.py --rewards aesthetic,hps               # Stable Diffusion v1.5 on a GPU
     accelerate launch --multi_gpu --num_processes 4 rid.py --rewards aesthetic,hps --grad-accum 8   # data parallel
     python rid.py ... --resume                          # continue a killed run from its last checkpoint

@@ -163,7 +163,7 @@ def two_task_setup(dtype):
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_fast_path_gives_the_gradients_of_the_plain_loop(dtype, rtol):
     """rid.train_step (the T-K no-grad steps with the LoRA folded into the weights, no adapters active) against
-    eval.minimal_loss (the UNet called with both adapters active at every step), same batch, K = 2 of T = 4, two
+    benchmark.minimal_loss (the UNet called with both adapters active at every step), same batch, K = 2 of T = 4, two
     adapters. In float64 they agree to 1e-10: the same math. In float32 the folded sum W + B A rounds differently
     from W x + B (A x); 1e-4 is a bound, the measured difference is about 3e-6, the size of what changing the number
     of threads alone does to these gradients."""
@@ -612,6 +612,14 @@ def test_help_answers_before_torch_and_shows_switches_mode_defaults_and_both_che
 
 def test_the_rewards_named_in_help_are_the_rewards_rewards_py_has():
     assert rid.REWARD_NAMES == tuple(rewards.REWARDS)
+
+
+def test_ema_decay_0_with_distillation_is_refused(tmp_path):
+    """With mu = 0 the teacher is the student after every step: both distillation losses are 0 (the same UsageError
+    path as the command-line cases above, checked in-process to spare a subprocess)."""
+    with pytest.raises(cli.UsageError, match="--ema-decay 0 makes the teacher a copy of the student"):
+        plumbing.check_args(tiny_args(ema_decay=0.0, out_dir=str(tmp_path)))
+    plumbing.check_args(tiny_args(ema_decay=0.0, lambda_out=0, lambda_feat=0, out_dir=str(tmp_path)))
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):
@@ -1128,15 +1136,14 @@ def test_missing_reward_weights_give_one_message_saying_how_to_get_them(tmp_path
         def fail(*args, **kwargs):
             raise error
         return fail
+    tiny_tower = clip_tower(TOWER_CONFIGS["clip"], tiny=True)  # built before open_clip is made to fail
     monkeypatch.setattr(rewards, "hf_hub_download", offline(LocalEntryNotFoundError("cannot find the file")))
     with pytest.raises(MissingWeights, match="HPS_v2.1_compressed.pt from hub repo xswu/HPSv2 .* `hf download xswu"):
         load_reward("hps", "cpu")
-    create_model = rewards.open_clip.create_model
     monkeypatch.setattr(rewards.open_clip, "create_model", offline(RuntimeError("Failed to download weights")))
     with pytest.raises(MissingWeights, match="OpenAI CLIP ViT-L/14 .* `hf download timm/vit_large_patch14_clip_224"):
         load_reward("clip", "cpu")
-    monkeypatch.setattr(rewards.open_clip, "create_model", create_model)  # the tiny tower below is built from code
-    monkeypatch.setattr(rewards, "openai_vit_l14", lambda: clip_tower(TOWER_CONFIGS["clip"], tiny=True))
+    monkeypatch.setattr(rewards, "openai_vit_l14", lambda: tiny_tower)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline(urllib.error.URLError("no network")))
     with pytest.raises(MissingWeights, match=r"sac\+logos\+ava1-l14-linearMSE.pth .* copy it to "):
