@@ -426,7 +426,6 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
     return {"rewards": rewards.detach(), **{name: term.detach().float() for name, term in terms.items()}, "k": k}
 
 
-
 def is_finite(*values: float) -> bool:
     return all(math.isfinite(value) for value in values)
 
