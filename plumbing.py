@@ -34,6 +34,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -406,7 +407,7 @@ def check_memory(args, pipe: StableDiffusionPipeline) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data parallel: the LoRA gradients and the step's metrics across processes.
+# Data parallel: the LoRA gradients, the step's metrics and DDIM's noise across processes.
 
 LOSS_TERMS = ("loss", "loss_reward", "loss_out", "loss_feat")
 
@@ -432,6 +433,71 @@ def step_metrics(micro_batches: list[dict], accelerator: Accelerator) -> dict:
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
             **dict(zip(LOSS_TERMS, terms.tolist())), "k": sum(m["k"] for m in micro_batches) / len(micro_batches)}
 
+
+def variance_noise(x: torch.Tensor, generator: torch.Generator, process: tuple[int, int]) -> torch.Tensor:
+    """DDIM's noise for eta > 0, (B,4,h,w) like x: drawn for the global batch of B x processes from the shared
+    generator (on the CPU, as x_T) and sliced as draw_batch slices x_T, so that N processes x B draw what one
+    process x N*B would, not N copies of the same noise."""
+    index, count = process
+    n = x.shape[0]
+    noise = torch.randn((n * count, *x.shape[1:]), generator=generator)
+    return noise[index * n:(index + 1) * n].to(x.device, x.dtype)
+
+
+def is_finite(*values: float) -> bool:
+    """Whether every value is finite: a step with a NaN or inf loss or gradient norm is skipped."""
+    return all(math.isfinite(value) for value in values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Speed: the UNet without its adapters, and the fast path for the sampling steps without gradients
+# (rid.sample_latents), which folds the LoRA into the weights so that no-grad calls cost what the base model's do.
+
+def lora_layers(unet: UNet2DConditionModel) -> list[BaseTunerLayer]:
+    """The UNet's layers that PEFT wrapped (every targeted linear), each holding its own copy of every adapter."""
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: UNet2DConditionModel, layers: list[BaseTunerLayer] | None = None):
+    """Run the UNet without its LoRA adapters inside the block (the base column of samples.png; the fast path),
+    then restore exactly the trained state. PEFT's enable_adapters(True) calls set_adapter, which makes every
+    active adapter trainable again (earlier tasks' frozen adapters included), so requires_grad is saved and
+    restored. Layer by layer rather than diffusers' unet.disable_adapters(), which walks every module by name."""
+    layers = lora_layers(unet) if layers is None else layers
+    lora = [p for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
+    trainable = [p.requires_grad for p in lora]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield unet
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, flag in zip(lora, trainable):
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def adapters_folded(unet: UNet2DConditionModel):
+    """For calls without gradients: every active adapter folded into its layer, W' = W + sum_a (alpha/r) B_a A_a,
+    and the adapters switched off, so that a UNet call costs what the base model's does, whatever the number of
+    tasks. W itself is kept aside and put back untouched afterwards (W += dW then W -= dW would drift by rounding).
+    Costs one copy of the targeted weights while the block runs."""
+    layers = [m for m in lora_layers(unet) if not m.disable_adapters]
+    if not layers:  # no adapters yet, or already disabled (adapters_disabled)
+        yield unet
+        return
+    with torch.no_grad():
+        kept = [(m.get_base_layer().weight, m.get_base_layer().weight.data) for m in layers]
+        for m, (weight, w) in zip(layers, kept):
+            weight.data = (w + sum(m.get_delta_weight(name) for name in m.active_adapters)).to(w.dtype)  # 1 rounding
+    try:
+        with adapters_disabled(unet, layers):
+            yield unet
+    finally:
+        for weight, w in kept:
+            weight.data = w
 
 
 # ----------------------------------------------------------------------------------------------------------------

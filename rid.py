@@ -77,16 +77,14 @@ class Args:
     checkpointing: bool = option(True, "activation checkpointing of the K gradient steps and the VAE decode: memory "
                                  "does not grow with K (on by default)", no_help="keep every activation of the K "
                                  "gradient steps instead: faster, memory grows with K")
-    mixed_precision: Literal["no", "bf16", "fp16"] = option("no", "run the VAE, the text encoder and the T-K sampling "
-                                                            "steps without gradients in bf16/fp16; the K gradient "
-                                                            "steps, the teacher and the rewards stay fp32 (README, "
-                                                            "Precision)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "run the VAE, the text encoder and the T-K sampling steps without gradients in bf16/fp16; the K gradient "
+        "steps, the teacher and the rewards stay fp32 (README, Precision)")
     cpu: bool = option(False, "run on the CPU even if a GPU is visible")
     log_every: int = option(10, "print a summary line every this many steps")
-    report_to: Literal["none", "tensorboard", "wandb", "all"] = option("none", "also log every metrics line and each "
-                                                                       "task's samples.png to TensorBoard (offline, "
-                                                                       "in OUT/logs) and/or Weights & Biases (pip "
-                                                                       "install wandb), through Accelerate's trackers")
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = option(
+        "none", "also log every metrics line and each task's samples.png to TensorBoard (offline, in OUT/logs) and/or "
+        "Weights & Biases (pip install wandb), through Accelerate's trackers")
 
 
 MODE_DEFAULTS = {
@@ -115,7 +113,6 @@ if __name__ == "__main__":
     command_line.parse_or_exit("rid.py", parse_args, sys.argv[1:])  # parsed again by cli() below: a few milliseconds
 
 import contextlib  # noqa: E402  (the heavy imports: after the command line is parsed)
-import math  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
@@ -123,12 +120,12 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
-from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from plumbing import (LORA_TARGETS, WEIGHT_DTYPES, Run, average_gradients, check_args, check_model_args,  # noqa: E402
-                      exit_status, load_pipeline, read_prompts, reward_names, step_metrics)
+from plumbing import (LORA_TARGETS, WEIGHT_DTYPES, Run, adapters_disabled, adapters_folded,  # noqa: E402
+                      average_gradients, check_args, check_model_args, exit_status, is_finite, load_pipeline,
+                      read_prompts, reward_names, step_metrics, variance_noise)
 from rewards import load_reward  # noqa: E402
 
 
@@ -218,16 +215,6 @@ def checkpointed(enabled: bool, fn, *inputs):
     return checkpoint(fn, *inputs, use_reentrant=False) if enabled else fn(*inputs)
 
 
-def variance_noise(x: torch.Tensor, generator: torch.Generator, process: tuple[int, int]) -> torch.Tensor:
-    """DDIM's noise for eta > 0, (B,4,h,w) like x: drawn for the global batch of B x processes from the shared
-    generator (on the CPU, as x_T) and sliced as draw_batch slices x_T, so that N processes x B draw what one
-    process x N*B would, not N copies of the same noise."""
-    index, count = process
-    n = x.shape[0]
-    noise = torch.randn((n * count, *x.shape[1:]), generator=generator)
-    return noise[index * n:(index + 1) * n].to(x.device, x.dtype)
-
-
 def ddim_step(pipe, eps: torch.Tensor, t, x: torch.Tensor, args: Args, generator=None, process=(0, 1)):
     """x_t (B,4,h,w) -> x_{t-1} from the CFG batch's eps (2B,4,h,w): guidance, then the DDIM update (with this
     process's slice of the global batch's noise when --eta > 0)."""
@@ -285,53 +272,6 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, args: Args, genera
 def adapter_tensors(unet: UNet2DConditionModel, name: str) -> dict[str, torch.nn.Parameter]:
     """The LoRA tensors (A and B of every targeted layer) of adapter `name`, by parameter name."""
     return {n: p for n, p in unet.named_parameters() if f".{name}." in n}
-
-
-def lora_layers(unet: UNet2DConditionModel) -> list[BaseTunerLayer]:
-    """The UNet's layers that PEFT wrapped (every targeted linear), each holding its own copy of every adapter."""
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet: UNet2DConditionModel, layers: list[BaseTunerLayer] | None = None):
-    """Run the UNet without its LoRA adapters inside the block (the base column of samples.png; the fast path),
-    then restore exactly the trained state. PEFT's enable_adapters(True) calls set_adapter, which makes every
-    active adapter trainable again (earlier tasks' frozen adapters included), so requires_grad is saved and
-    restored. Layer by layer rather than diffusers' unet.disable_adapters(), which walks every module by name."""
-    layers = lora_layers(unet) if layers is None else layers
-    lora = [p for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
-    trainable = [p.requires_grad for p in lora]
-    for m in layers:
-        m.enable_adapters(False)
-    try:
-        yield unet
-    finally:
-        for m in layers:
-            m.enable_adapters(True)
-        for p, flag in zip(lora, trainable):
-            p.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def adapters_folded(unet: UNet2DConditionModel):
-    """For calls without gradients: every active adapter folded into its layer, W' = W + sum_a (alpha/r) B_a A_a,
-    and the adapters switched off, so that a UNet call costs what the base model's does, whatever the number of
-    tasks. W itself is kept aside and put back untouched afterwards (W += dW then W -= dW would drift by rounding).
-    Costs one copy of the targeted weights while the block runs."""
-    layers = [m for m in lora_layers(unet) if not m.disable_adapters]
-    if not layers:  # no adapters yet, or already disabled (adapters_disabled)
-        yield unet
-        return
-    with torch.no_grad():
-        kept = [(m.get_base_layer().weight, m.get_base_layer().weight.data) for m in layers]
-        for m, (weight, w) in zip(layers, kept):
-            weight.data = (w + sum(m.get_delta_weight(name) for name in m.active_adapters)).to(w.dtype)  # 1 rounding
-    try:
-        with adapters_disabled(unet, layers):
-            yield unet
-    finally:
-        for weight, w in kept:
-            weight.data = w
 
 
 def add_task_adapter(unet: UNet2DConditionModel, name: str, rank: int) -> dict[str, torch.nn.Parameter]:
@@ -424,10 +364,6 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
         (loss / args.grad_accum if scaler is None else scaler.scale(loss / args.grad_accum)).backward()
     terms = {"loss": loss, "loss_reward": l_reward, "loss_out": l_out, "loss_feat": l_feat}
     return {"rewards": rewards.detach(), **{name: term.detach().float() for name, term in terms.items()}, "k": k}
-
-
-def is_finite(*values: float) -> bool:
-    return all(math.isfinite(value) for value in values)
 
 
 def optimizer_update(optimizer, params: dict[str, torch.nn.Parameter], scaler, teacher, args: Args,
