@@ -58,7 +58,7 @@ from tqdm import tqdm  # noqa: E402
 import figures  # noqa: E402
 import plumbing  # noqa: E402
 import rid  # noqa: E402
-from rewards import REWARDS, MissingWeights, load_reward  # noqa: E402
+from rewards import MissingWeights, load_reward  # noqa: E402
 
 # Held out: none of these is among rid.py's training prompts.
 EVAL_PROMPTS = [
@@ -107,9 +107,7 @@ def eval_settings(opts: EvalArgs) -> tuple[list[str], list[int], list[str]]:
     except ValueError:
         raise plumbing.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {opts.seeds!r}") from None
     extra = [name.strip() for name in opts.extra_rewards.split(",") if name.strip()]
-    unknown = [name for name in extra if name not in REWARDS]
-    if unknown:
-        raise plumbing.UsageError(f"--extra-rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
+    plumbing.check_reward_names(extra, "--extra-rewards")
     return prompts, seeds, extra
 
 
@@ -314,8 +312,8 @@ def read_eval(run: Path) -> dict:
     try:
         result = json.loads((run / "eval.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise plumbing.UsageError(f"{run}/eval.json cannot be read as JSON ({error}); run `python eval.py {run}` again") \
-            from None
+        raise plumbing.UsageError(f"{run}/eval.json cannot be read as JSON ({error}); run `python eval.py {run}` "
+                                  "again") from None
     missing = [key for key in EVAL_KEYS if key not in result] if isinstance(result, dict) else list(EVAL_KEYS)
     if missing:
         raise plumbing.UsageError(f"{run}/eval.json lacks {', '.join(missing)}; run `python eval.py {run}` again")

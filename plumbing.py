@@ -209,14 +209,19 @@ def check_out_dir(args) -> bool:
     return True
 
 
+def check_reward_names(names: list[str], option: str) -> None:
+    """Every name is a reward of rewards.py; the message of the first unknown one lists the known ones."""
+    unknown = [name for name in names if name not in REWARDS]
+    if unknown:
+        raise UsageError(f"{option}: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
+
+
 def check_args(args) -> bool:
     """Reject bad input with a UsageError that says what is wrong and how to fix it; everything that can be checked
     without the model. Returns whether --out-dir holds no run yet."""
     if args.tiny and args.random_weights:
         raise UsageError("--tiny and --random-weights exclude each other: give one")
-    unknown = [name for name in reward_names(args) if name not in REWARDS]
-    if unknown:
-        raise UsageError(f"--rewards: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
+    check_reward_names(reward_names(args), "--rewards")
     check_numbers(args)
     if args.ema_decay == 0 and (args.lambda_out > 0 or args.lambda_feat > 0):
         raise UsageError("--ema-decay 0 makes the teacher a copy of the student, so both distillation losses are 0 "
@@ -474,8 +479,8 @@ def adapters_disabled(unet: UNet2DConditionModel, layers: list[BaseTunerLayer] |
     finally:
         for m in layers:
             m.enable_adapters(True)
-        for p, flag in zip(lora, trainable):
-            p.requires_grad_(flag)
+        for p, was_trainable in zip(lora, trainable):
+            p.requires_grad_(was_trainable)
 
 
 @contextlib.contextmanager
@@ -820,7 +825,8 @@ class DropLibraryNoise(logging.Filter):
                                                    "Token indices sequence length is longer"))
 
 
-for _logger in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion", "transformers.tokenization_utils_base"):
+for _logger in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+                "transformers.tokenization_utils_base"):
     logging.getLogger(_logger).addFilter(DropLibraryNoise())
 
 
@@ -973,18 +979,18 @@ class Run:
     def start_task(self, task: int, name: str, params, optimizer, teacher):
         """The first step and the teacher of this task: 0 and `teacher`, unless the checkpoint was taken inside it:
         then its step and teacher, with its AdamW state loaded into `optimizer`."""
-        self.task, self.name, self.optimizer, self.teacher = task, name, optimizer, teacher
-        inside = self.checkpoint is not None and self.checkpoint["task"] == task and self.checkpoint["step"] > 0
-        if inside:
-            self.teacher = resume_task(self.checkpoint, params, optimizer)[1]
-            return self.checkpoint["step"], self.teacher
-        return 0, teacher
+        self.task, self.name, self.optimizer = task, name, optimizer
+        first = 0
+        if self.checkpoint is not None and self.checkpoint["task"] == task and self.checkpoint["step"] > 0:
+            first, teacher = resume_task(self.checkpoint, params, optimizer)
+        self.teacher = teacher
+        return first, teacher
 
     def steps(self, first: int):
         """The task's steps from `first` on, under a progress bar; each one timed for its metrics line."""
         self.bar = tqdm(range(first, self.args.steps_per_task), desc=f"task {self.task} ({self.name})", initial=first,
                         total=self.args.steps_per_task, dynamic_ncols=True, disable=not self.is_main)
-        self.recent_rewards = collections.deque(maxlen=self.args.log_every)  # the batch rewards of the last --log-every steps
+        self.recent_rewards = collections.deque(maxlen=self.args.log_every)  # rewards of the last --log-every steps
         for self.step in self.bar:
             self.started = time.perf_counter()
             yield self.step
