@@ -9,6 +9,10 @@ and seeds, the same x_T for every row, and score each image with every reward j 
     F_j      = max_{t_j <= i < N} R[i][j] - R[N][j],  t_j = the task that learned reward j          forgetting
     drift_i  = mean SSIM(images of row i, base images), same prompt and seed; 1 = same structure  structure_drift
 
+    fidelity = the judge's accuracy (toyworld.Judge: shape, colour, background, all three) per row, on prompts of
+               seen and of held-out combinations: toy-world runs only                                  fidelity
+    CI         95 % bootstrap intervals over images (prompt and seed pairs, the same draw for every row)   bootstrap
+
 Rewards have very different scales (compressibility is about -37, a tiny aesthetic score about 0.08), so every
 number is also given in base standard deviations (G), where averages over rewards mean something.
 
@@ -31,10 +35,12 @@ class EvalArgs:
     compare: bool = field(default=False, metadata={
         "help": "print one side-by-side Markdown table from the runs' eval.json instead of evaluating"})
     prompts: str | None = field(default=None, metadata={
-        "help": "text file, one prompt a line (default: 8 built-in held-out prompts)"})
+        "help": "text file, one prompt a line (default: 8 built-in held-out prompts; tiny runs: 10 seen and 10 "
+                "held-out toy-world captions)"})
     num_prompts: int | None = field(default=None, metadata={
         "help": "use only the first this many prompts (default: all)"})
-    seeds: str = field(default="0,1", metadata={"help": "comma-separated seeds; each gives every prompt one x_T"})
+    seeds: str = field(default="0,1,2,3", metadata={"help": "comma-separated seeds; each gives every prompt one x_T"})
+    bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the confidence intervals"})
     extra_rewards: str = field(default="", metadata={"help": "rewards to score besides the run's own, comma-separated"})
     batch_size: int = field(default=8, metadata={"help": "images per generation or scoring call"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
@@ -58,7 +64,8 @@ from tqdm import tqdm  # noqa: E402
 import figures  # noqa: E402
 import plumbing  # noqa: E402
 import rid  # noqa: E402
-from rewards import MissingWeights, load_reward  # noqa: E402
+import toyworld  # noqa: E402
+from rewards import MissingWeights, load_reward, toy_file  # noqa: E402
 
 # Held out: none of these is among rid.py's training prompts.
 EVAL_PROMPTS = [
@@ -66,6 +73,10 @@ EVAL_PROMPTS = [
     "a woman in a straw hat, portrait", "a hot air balloon over green fields", "a tiger resting in tall grass",
     "a wooden cabin by a lake", "a basket of bread on a kitchen table",
 ]
+
+
+def default_prompts(args: rid.Args, num_prompts: int | None) -> list[str]:
+    return (toyworld.EVAL_PROMPTS if args.tiny else EVAL_PROMPTS)[:num_prompts]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,8 +93,6 @@ def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
             raise plumbing.UsageError(f"{run}: incomplete run, {task.name}/{plumbing.LORA_FILE} is missing "
                                  "(did rid.py finish?)")
         check_lora_file(task / "pytorch_lora_weights.safetensors")
-    if args.tiny and not (run / "base" / "model_index.json").is_file():
-        raise plumbing.UsageError(f"{run}: incomplete tiny run, base/model_index.json is missing")
     return args, tasks
 
 
@@ -97,11 +106,12 @@ def check_lora_file(path: Path) -> None:
                              "rid.py --resume from a checkpoint, or train the run again") from None
 
 
-def eval_settings(opts: EvalArgs) -> tuple[list[str], list[int], list[str]]:
-    """The eval prompts, seeds and extra rewards from the flags, checked before any work starts."""
-    if opts.num_prompts is not None and opts.num_prompts <= 0 or opts.batch_size <= 0:
-        raise plumbing.UsageError("--num-prompts and --batch-size must be positive integers")
-    prompts = (rid.read_prompts(opts.prompts) if opts.prompts else EVAL_PROMPTS)[:opts.num_prompts]
+def eval_settings(opts: EvalArgs) -> tuple[list[str] | None, list[int], list[str]]:
+    """The eval prompts (None: each run's mode's default, default_prompts), seeds and extra rewards from the flags,
+    checked before any work starts."""
+    if opts.num_prompts is not None and opts.num_prompts <= 0 or opts.batch_size <= 0 or opts.bootstrap <= 0:
+        raise plumbing.UsageError("--num-prompts, --batch-size and --bootstrap must be positive integers")
+    prompts = rid.read_prompts(opts.prompts)[:opts.num_prompts] if opts.prompts else None
     try:
         seeds = [int(seed) for seed in opts.seeds.split(",")]
     except ValueError:
@@ -166,6 +176,16 @@ def structure_drift(rows: torch.Tensor) -> torch.Tensor:
                         for row in rows])
 
 
+def judge_rows(rows: torch.Tensor, prompts: list[str], device) -> dict[str, torch.Tensor] | None:
+    """Prompt fidelity of every image: rows (M, B, 3, H, W), B prompts -> {attribute: (M, B) 0/1} for shape, colour,
+    background and all three, by the toy world's judge; None unless every prompt is a toy-world caption."""
+    if any(toyworld.split_of(prompt) is None for prompt in prompts):
+        return None
+    judge = toyworld.load_judge(toy_file(toyworld.JUDGE)).to(device)
+    per_row = [toyworld.judge_correct(judge, row.to(device), prompts) for row in rows]
+    return {name: torch.stack([row[name] for row in per_row]) for name in per_row[0]}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics: small pure functions of the reward matrix.
 
@@ -196,6 +216,54 @@ def final_average(matrix: torch.Tensor, columns: list[str], task_rewards: list[s
 def mean_defined(values: list[float | None]) -> float | None:
     defined = [v for v in values if v is not None]
     return sum(defined) / len(defined) if defined else None
+
+
+def fidelity(correct: dict[str, torch.Tensor] | None, splits: list[str]) -> dict | None:
+    """The judge's accuracy per row, F[split][attribute] = (M,) list, from per-image correctness {attribute: (M, B)}
+    and each image's split ("seen" or "held_out" combination)."""
+    if correct is None:
+        return None
+    return {split: {name: c[:, [i for i, s in enumerate(splits) if s == split]].mean(1).tolist()
+                    for name, c in correct.items()} for split in dict.fromkeys(splits)}
+
+
+def headline(scores, correct, splits, learned: list[int], columns: list[str], task_rewards: list[str]) -> dict:
+    """The numbers that get confidence intervals, from per-image scores (M, B, J) and judge correctness."""
+    gain = gain_in_base_std(scores)
+    forgotten = forgetting(gain, learned)
+    return {"gain_in_base_std": gain.tolist(), "final_average_gain": final_average(gain, columns, task_rewards),
+            "forgetting_in_base_std": forgotten,
+            "mean_forgetting_in_base_std": mean_defined([f for name, f in zip(columns, forgotten)
+                                                         if name in task_rewards]),
+            "fidelity": fidelity(correct, splits)}
+
+
+def bootstrap(scores, correct, splits: list[str], n: int, measure) -> dict:
+    """95 % percentile intervals [lo, hi] of every number measure(scores, correct, splits) returns, over n resamples
+    of the images with replacement: the same images in every row (rows share x_T, so their differences are
+    paired), drawn within each split so that each keeps its size. Seeded: the same run gives the same intervals."""
+    generator = torch.Generator().manual_seed(0)
+    strata = [torch.tensor([i for i, s in enumerate(splits) if s == split]) for split in dict.fromkeys(splits)]
+    draws = []
+    for _ in range(n):
+        idx = torch.cat([stratum[torch.randint(len(stratum), (len(stratum),), generator=generator)]
+                         for stratum in strata])
+        picked = None if correct is None else {name: c[:, idx] for name, c in correct.items()}
+        draws.append(measure(scores[:, idx], picked, [splits[i] for i in idx]))
+    return intervals(draws)
+
+
+def intervals(draws: list):
+    """[2.5 %, 97.5 %] percentiles leaf by leaf over a list of equally nested dicts/lists of numbers (None stays)."""
+    first = draws[0]
+    if isinstance(first, dict):
+        return {key: intervals([d[key] for d in draws]) for key in first}
+    if isinstance(first, list):
+        return [intervals([d[i] for d in draws]) for i in range(len(first))]
+    if first is None:
+        return None
+    values = torch.tensor(draws, dtype=torch.float64)
+    return [values.quantile(0.025).item(), values.quantile(0.975).item()]
 
 
 def cost(run: Path) -> dict | None:
@@ -229,26 +297,49 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
                               for row in rows])
 
 
+def with_ci(value, interval) -> str:
+    """'value [lo, hi]', the 95 % bootstrap interval beside the value."""
+    return fmt(value) if interval is None else f"{fmt(value)} [{fmt(interval[0])}, {fmt(interval[1])}]"
+
+
+def fidelity_table(result: dict) -> list[str]:
+    """The judge's accuracy per row and split, with intervals; nothing for runs whose prompts are not toy captions."""
+    if result["fidelity"] is None:
+        return []
+    header, cells = ["model"], [[label] for label in result["rows"]]
+    for split, accuracy in result["fidelity"].items():
+        for name, values in accuracy.items():
+            header.append(f"{split} {name}")
+            for row, (value, interval) in enumerate(zip(values, result["ci"]["fidelity"][split][name])):
+                cells[row].append(with_ci(value, interval))
+    return ["## Prompt fidelity: the judge's accuracy (shape, colour, background, all three) on seen and held-out "
+            "combinations", markdown_table(header, cells)]
+
+
 def report_markdown(result: dict) -> str:
-    columns, labels = result["rewards"], result["rows"]
+    columns, labels, ci = result["rewards"], result["rows"], result["ci"]
 
     def by_row(header, *columns_of_values):
         return markdown_table(header, [[label, *values] for label, *values in zip(labels, *columns_of_values)])
 
     summary = [["final average reward (raw)", result["final_average_reward"]],
-               ["final average gain (base std)", result["final_average_gain"]],
-               ["mean forgetting (base std)", result["mean_forgetting_in_base_std"]],
+               ["final average gain (base std)", with_ci(result["final_average_gain"], ci["final_average_gain"])],
+               ["mean forgetting (base std)", with_ci(result["mean_forgetting_in_base_std"],
+                                                      ci["mean_forgetting_in_base_std"])],
                ["SSIM to base after the last task", result["structure_drift_ssim"][-1]]]
+    gains = [[with_ci(g, i) for g, i in zip(row, row_ci)]
+             for row, row_ci in zip(result["gain_in_base_std"], ci["gain_in_base_std"])]
     forgetting_rows = zip(columns, map(str, result["learned_at"]), result["forgetting"],
-                          result["forgetting_in_base_std"])
+                          map(with_ci, result["forgetting_in_base_std"], ci["forgetting_in_base_std"]))
     parts = [f"# Evaluation of `{result['run']}`",
-             f"{len(result['prompts'])} prompts x seeds {result['seeds']}, the same x_T in every row.",
+             f"{len(result['prompts'])} prompts x seeds {result['seeds']}, the same x_T in every row; [lo, hi]: 95 % "
+             "bootstrap intervals over the images.",
              "## Summary", markdown_table(["metric", "value"], summary),
              "## Reward matrix R[i][j] (mean over images)", by_row(["model", *columns], *zip(*result["reward_matrix"])),
-             "## Change from base in base standard deviations, G[i][j]",
-             by_row(["model", *columns], *zip(*result["gain_in_base_std"])),
+             "## Change from base in base standard deviations, G[i][j]", by_row(["model", *columns], *zip(*gains)),
              "## Forgetting F_j = max over rows from t_j to N-1 of R[i][j], minus R[N][j]",
              markdown_table(["reward", "learned at task", "F_j (raw)", "F_j (base std)"], list(forgetting_rows)),
+             *fidelity_table(result),
              "## Structure drift: mean SSIM to the base images (1 = same structure)",
              by_row(["model", "SSIM"], result["structure_drift_ssim"])]
     if result["cost"]:
@@ -259,34 +350,39 @@ def report_markdown(result: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def evaluate(run: Path, prompts: list[str], seeds: list[int], extra: list[str], opts: EvalArgs) -> dict:
-    """Generate, score and report one run; writes eval.json, eval.md, eval_rewards.png, eval_grid.png and (from its
-    metrics.jsonl) training_curves.png into it."""
+def evaluate(run: Path, prompts: list[str] | None, seeds: list[int], extra: list[str], opts: EvalArgs) -> dict:
+    """Generate, score and judge one run; writes eval.json, eval.md, eval_rewards.png, eval_grid.png and (from its
+    metrics.jsonl) training_curves.png into it. prompts=None: the run's mode's default prompts."""
     args, tasks = load_run(run)
+    prompts = prompts or default_prompts(args, opts.num_prompts)
     task_rewards = rid.reward_names(args)
     columns = list(dict.fromkeys(task_rewards + extra))
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipe = rid.load_pipeline(args, device, run / "base" if args.tiny else None)
+    pipe = rid.load_pipeline(args, device)
     plumbing.warn_long_prompts(pipe.tokenizer, prompts)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     scorers = {name: load_reward(name, device, args.tiny) for name in columns}
 
     rows = generate_rows(pipe, tasks, prompts, seeds, args, opts.batch_size)              # (N+1, S*P, 3, H, W)
     scores = score_rows(rows, prompts * len(seeds), scorers, device, opts.batch_size)      # (N+1, S*P, J)
-    matrix, gain, learned = scores.mean(1), gain_in_base_std(scores), learned_at(columns, task_rewards)
+    correct = judge_rows(rows, prompts * len(seeds), device)                              # {attribute: (N+1, S*P)}
+    splits = [toyworld.split_of(prompt) or "all" for prompt in prompts * len(seeds)]
+    matrix, learned = scores.mean(1), learned_at(columns, task_rewards)
+
+    def measure(scores, correct, splits):
+        return headline(scores, correct, splits, learned, columns, task_rewards)
+
     result = {
         "run": str(run), "rows": figures.model_titles(task_rewards),  # the grid's column titles
         "rewards": columns, "prompts": prompts, "seeds": seeds, "learned_at": learned,
-        "reward_matrix": matrix.tolist(), "base_std": scores[0].std(0).tolist(), "gain_in_base_std": gain.tolist(),
-        "final_average_reward": final_average(matrix, columns, task_rewards),
-        "final_average_gain": final_average(gain, columns, task_rewards),
-        "forgetting": forgetting(matrix, learned), "forgetting_in_base_std": forgetting(gain, learned),
+        "reward_matrix": matrix.tolist(), "base_std": scores[0].std(0).tolist(),
+        "final_average_reward": final_average(matrix, columns, task_rewards), "forgetting": forgetting(matrix, learned),
+        **measure(scores, correct, splits),
         "structure_drift_ssim": structure_drift(rows).tolist(), "cost": cost(run),
+        "ci": bootstrap(scores, correct, splits, opts.bootstrap, measure),
     }
-    own = [f if name in task_rewards else None for name, f in zip(columns, result["forgetting_in_base_std"])]
-    result["mean_forgetting_in_base_std"] = mean_defined(own)
-    labels = [f"{prompt}\nseed {seed}" for seed in seeds for prompt in prompts]  # image s*P + p: prompt p, seed s
-    grid = figures.image_grid(rows.transpose(0, 1), result["rows"], labels)
+    labels = [f"{prompt}\nseed {seeds[0]}" for prompt in prompts]  # the first seed of every prompt
+    grid = figures.image_grid(rows[:, :len(prompts)].transpose(0, 1), result["rows"], labels)
     outputs = {"eval.json": lambda f: f.write(json.dumps(result, indent=2).encode()),
                "eval.md": lambda f: f.write(report_markdown(result).encode()),
                "eval_rewards.png": lambda f: figures.eval_rewards(result).savefig(f, format="png"),

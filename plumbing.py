@@ -40,6 +40,7 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import figures
+import toyworld
 from cli import UsageError, flag
 from rewards import REWARDS, MissingWeights, fetching, seeded
 
@@ -84,10 +85,11 @@ def reward_names(args) -> list[str]:
     return [name.strip() for name in args.rewards.split(",")]
 
 
-def read_prompts(path: str | None) -> list[str]:
-    """One prompt a line from a UTF-8 text file; a binary or otherwise encoded file is refused, naming the byte."""
+def read_prompts(path: str | None, tiny: bool = False) -> list[str]:
+    """One prompt a line from a UTF-8 text file; a binary or otherwise encoded file is refused, naming the byte.
+    Without a file: DEFAULT_PROMPTS, or in tiny mode the captions of the toy world's seen combinations."""
     if path is None:
-        return DEFAULT_PROMPTS
+        return toyworld.world_prompts(toyworld.SEEN) if tiny else DEFAULT_PROMPTS
     if not Path(path).is_file():
         raise UsageError(f"--prompts {path}: no such file; give a text file with one prompt a line")
     try:
@@ -119,6 +121,7 @@ NUMBER_RANGES = {
     "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "lambda_out": (lambda v: v >= 0, ">= 0"),
     "lambda_feat": (lambda v: v >= 0, ">= 0"),
+    "clora_weight": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -145,24 +148,19 @@ def check_feat_layer_names(args) -> None:
                          "module names, e.g. mid_block,up_blocks.0")
 
 
-def hub_id(args) -> str:
-    """The default --model (rid.SD15): Args is rid.py's, which this module cannot import."""
-    return next(f.default for f in dataclasses.fields(args) if f.name == "model")
-
-
 def check_model_path(args) -> None:
     """A --model that looks like a path (or exists) must be a diffusers pipeline directory: otherwise the hub client
     would call it an invalid repo id."""
-    if args.tiny or args.random_weights:
+    if args.random_weights:
         return
     path = Path(args.model).expanduser()
     looks_like_path = args.model.startswith(("/", ".", "~")) or args.model.count("/") > 1  # hub ids: "org/name"
     if not path.exists() and looks_like_path:
         raise UsageError(f"--model {args.model}: no such directory; give a diffusers pipeline directory (it holds "
-                         f"model_index.json) or a hub id such as {hub_id(args)}")
+                         "model_index.json) or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5")
     if path.exists() and not (path / "model_index.json").is_file():
         raise UsageError(f"--model {args.model}: not a diffusers pipeline directory (no model_index.json); give one, "
-                         "e.g. a tiny run's base/ directory, or a hub id")
+                         "e.g. toy/pipeline, or a hub id")
 
 
 # What a run writes into --out-dir (eval.py adds eval*); a directory holding any of them is never written over.
@@ -227,6 +225,13 @@ def check_args(args) -> bool:
         raise UsageError("--ema-decay 0 makes the teacher a copy of the student, so both distillation losses are 0 "
                          "while the teacher still costs a forward; give a decay in (0, 1], or --lambda-out 0 "
                          "--lambda-feat 0 for no distillation")
+    distilled = args.lambda_out > 0 or args.lambda_feat > 0
+    if args.distill_at == "trajectory" and not distilled:
+        raise UsageError("--distill-at trajectory says where the teacher is compared, but --lambda-out 0 "
+                         "--lambda-feat 0 train without one; give a distillation weight, or drop --distill-at")
+    if args.clora_weight > 0 and args.shared_adapter:
+        raise UsageError("--clora-weight penalises a task's adapter where earlier tasks' adapters changed the "
+                         "weights, and --shared-adapter has one adapter for all tasks; drop one of them")
     check_feat_layer_names(args)
     check_trackers(args)
     check_model_path(args)
@@ -262,7 +267,7 @@ def check_resume_config(args, out: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Models: Stable Diffusion from the hub, or the same classes with random weights, at tiny sizes or at SD1.5's.
 
-def clip_tokenizer(tmp_dir: str) -> CLIPTokenizer:
+def clip_tokenizer(tmp_dir: str, model_max_length: int = 77) -> CLIPTokenizer:
     """Stable Diffusion's CLIP tokenizer, rebuilt from the BPE vocabulary that ships inside open_clip (no download).
     Gives the same token ids as SD1.5's own tokenizer; only the special tokens are spelt differently there."""
     bpe = open_clip.get_tokenizer("ViT-L-14")
@@ -270,22 +275,12 @@ def clip_tokenizer(tmp_dir: str) -> CLIPTokenizer:
     Path(tmp_dir, "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in bpe.encoder.items()}))
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
     Path(tmp_dir, "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(f"{tmp_dir}/vocab.json", f"{tmp_dir}/merges.txt", model_max_length=77)
+    return CLIPTokenizer(f"{tmp_dir}/vocab.json", f"{tmp_dir}/merges.txt", model_max_length=model_max_length)
 
 
-# Architectures built from code, each a set of config dicts in the order the models are built (the order fixes which
-# random weights each model gets). TINY: SD1.5's classes at tiny sizes, for tests and --tiny. SD15_ARCHITECTURE:
-# stable-diffusion-v1-5's own unet/, vae/ and text_encoder/ config.json (sizes and layer types; the keys not given
-# here are the classes' defaults, which equal SD1.5's), for --random-weights.
-TINY = {
-    "unet": dict(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32),
-    "vae": dict(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2),
-    "text_encoder": dict(bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32,
-                         intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, vocab_size=49408),
-}
+# SD1.5's own unet/, vae/ and text_encoder/ config.json (sizes and layer types; the keys not given here are the classes'
+# defaults, which equal SD1.5's), for --random-weights, in the order the models are built (the order fixes which
+# random weights each model gets).
 SD15_ARCHITECTURE = {
     "unet": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
                  out_channels=4, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5,
@@ -301,8 +296,8 @@ SD15_ARCHITECTURE = {
 
 
 def random_pipeline(configs: dict) -> StableDiffusionPipeline:
-    """SD1.5's classes built from `configs` (TINY or SD15_ARCHITECTURE) with random weights, seeded so that every
-    run gets the same base; SD's tokenizer and noise schedule. Nothing is downloaded."""
+    """SD1.5's classes built from `configs` (SD15_ARCHITECTURE) with random weights, seeded so that every run gets the
+    same base; SD's tokenizer and noise schedule. Nothing is downloaded."""
     with seeded(0), tempfile.TemporaryDirectory() as tmp:
         unet = UNet2DConditionModel(**configs["unet"])
         vae = AutoencoderKL(**configs["vae"])
@@ -316,18 +311,19 @@ def random_pipeline(configs: dict) -> StableDiffusionPipeline:
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_pipeline(args, device: torch.device, path: str | Path | None = None) -> StableDiffusionPipeline:
-    """The frozen base model with a DDIM scheduler, the same object in every mode. The VAE and the text encoder are
-    in --mixed-precision's dtype; the UNet stays fp32, since its K gradient steps and the teacher run in fp32 (its
-    sampling steps without gradients run in the low dtype under autocast, see rid.low_precision).
-    `path` loads a saved pipeline instead of building or downloading one (eval.py reloads a tiny run's base/)."""
-    if (args.tiny or args.random_weights) and path is None:
-        pipe = random_pipeline(TINY if args.tiny else SD15_ARCHITECTURE)  # fp32: the same weights in every precision
+def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
+    """The frozen base model with a DDIM scheduler, the same object in every mode: --model (SD1.5 from the hub, or the
+    toy world's pipeline folder in tiny mode) read by diffusers, or SD1.5's architecture built with random weights.
+    The VAE and the text encoder are in --mixed-precision's dtype; the UNet stays fp32, since its K gradient steps and
+    the teacher run in fp32 (its sampling steps without gradients run in the low dtype under autocast, see
+    rid.low_precision). Weights are read as fp32 whatever dtype they are stored in (the toy world's are fp16)."""
+    if args.random_weights:
+        pipe = random_pipeline(SD15_ARCHITECTURE)  # fp32: the same weights in every precision
     else:
-        source = path or args.model
-        with fetching(f"--model {source}", f"pre-download it with `hf download {source}` on a machine with "
+        with fetching(f"--model {args.model}", f"pre-download it with `hf download {args.model}` on a machine with "
                       "network access, or pass a local diffusers directory with --model PATH"):
-            pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+            pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32, safety_checker=None,
+                                                           requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -414,9 +410,6 @@ def check_memory(args, pipe: StableDiffusionPipeline) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Data parallel: the LoRA gradients, the step's metrics and DDIM's noise across processes.
 
-LOSS_TERMS = ("loss", "loss_reward", "loss_out", "loss_feat")
-
-
 def average_gradients(params: dict[str, torch.nn.Parameter], accelerator: Accelerator) -> None:
     """All-reduce (mean) the LoRA gradients across processes, in one flat call. Done by hand rather than through
     DDP: a new adapter joins at every task, and the K UNet calls run inside activation checkpointing with a teacher
@@ -431,12 +424,14 @@ def average_gradients(params: dict[str, torch.nn.Parameter], accelerator: Accele
 
 def step_metrics(micro_batches: list[dict], accelerator: Accelerator) -> dict:
     """The optimizer step's metrics over all micro-batches of all processes: rewards gathered (B x processes x
-    accumulation samples), loss terms averaged, K averaged over the micro-batches."""
+    accumulation samples), loss terms (every "loss..." key: the total, its terms and each feature layer's) averaged, K
+    averaged over the micro-batches."""
     rewards = accelerator.gather(torch.cat([m["rewards"] for m in micro_batches]))
-    terms = torch.stack([torch.stack([m[name] for name in LOSS_TERMS]) for m in micro_batches]).mean(0)  # (4,)
+    names = [name for name in micro_batches[0] if name.startswith("loss")]
+    terms = torch.stack([torch.stack([m[name] for name in names]) for m in micro_batches]).mean(0)  # (terms,)
     terms = accelerator.reduce(terms, reduction="mean")
     return {"reward_mean": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            **dict(zip(LOSS_TERMS, terms.tolist())), "k": sum(m["k"] for m in micro_batches) / len(micro_batches)}
+            **dict(zip(names, terms.tolist())), "k": sum(m["k"] for m in micro_batches) / len(micro_batches)}
 
 
 def variance_noise(x: torch.Tensor, generator: torch.Generator, process: tuple[int, int]) -> torch.Tensor:
@@ -582,8 +577,6 @@ def where_outputs_went(args, out: Path) -> str:
             ("sample grids", [task / "samples.png" for task in tasks]),
             ("metrics, a line a step", [out / "metrics.jsonl"]), ("training curves", [out / "training_curves.png"]),
             ("config, checkpoint", [out / "config.json", out / CHECKPOINT])]
-    if args.tiny:
-        rows.append(("tiny base pipeline", [out / "base"]))
     if "tensorboard" in TRACKERS[args.report_to]:
         rows.append(("TensorBoard", [f"tensorboard --logdir {shlex.quote(str(out / LOGS))}"]))
     if "wandb" in TRACKERS[args.report_to]:
@@ -770,16 +763,13 @@ def keep_lines(path: Path, n: int) -> None:
     atomic_write(path, lambda f: f.write("".join(lines).encode()))
 
 
-def write_run_files(args, out: Path, pipe, new: bool) -> None:
-    """config.json for a new run, and for --tiny the base pipeline, so that diffusers and eval.py can load base + LoRA
-    later. Main process only."""
+def write_run_files(args, out: Path, new: bool) -> None:
+    """config.json for a new run (main process only): eval.py rebuilds the run's arguments, and so its base model
+    (--model), from it."""
     if new:
         with failed_write(out):
             out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=2).encode()))
-    if args.tiny and not (out / "base").exists():
-        with atomic_dir(out / "base") as tmp:
-            pipe.save_pretrained(tmp)
 
 
 def resume_hint(progress: Progress) -> str:
@@ -943,7 +933,7 @@ class Run:
         args = self.args
         if args.resume and self.new:
             print(f"--resume: {self.out} holds no run yet; starting it", file=sys.stderr)
-        write_run_files(args, self.out, pipe, self.new)
+        write_run_files(args, self.out, self.new)
         processes = self.accelerator.num_processes
         print(f"effective batch: {args.batch_size} per process x {processes} processes x {args.grad_accum} "
               f"accumulation = {args.batch_size * processes * args.grad_accum}")

@@ -5,10 +5,10 @@ pixels in [0, 1], `prompts` a list of B strings and `rewards` a (B,) tensor. Not
 clamps: gradients must flow from the reward back to the pixels, and from there through the VAE and the last K
 denoising steps into the LoRA weights. Scorers are frozen (`requires_grad=False`) and in eval mode.
 
-`load_reward(name, device, tiny)` builds one by name. With `tiny=True` the same classes are built around tiny,
-randomly initialised CLIP towers (seeded, so every process and `eval.py` gets the same scorer), from the same open_clip
-configs as the real towers (`clip_tower`): only sizes and weights differ from the real models. Callers score in fp32
-with autocast off (rid.score), in training and evaluation alike.
+`load_reward(name, device, tiny)` builds one by name. With `tiny=True` the same classes are built around the toy
+world's towers (toyworld.py trains them on its pictures): the same open_clip configs at toy sizes (`clip_tower`),
+their weights in toy/ in the layouts of the released files, read by the same loaders. Only sizes and weights differ
+from the real models. Callers score in fp32 with autocast off (rid.score), in training and evaluation alike.
 
 Where the real weights come from:
 - aesthetic: the LAION "improved aesthetic predictor" MLP `sac+logos+ava1-l14-linearMSE.pth` (AESTHETIC_URL, cached
@@ -16,6 +16,8 @@ Where the real weights come from:
 - hps: HPSv2.1, `HPS_v2.1_compressed.pt` from the hub repo `xswu/HPSv2`, loaded into open_clip `ViT-H-14`.
 - clip: OpenAI CLIP ViT-L/14, as for aesthetic (loaded once if both are used).
 - compressibility: no weights.
+In tiny mode, toy/open_clip_model.safetensors (open_clip's checkpoint layout, as the hub's OpenAI ViT-L/14),
+toy/aesthetic_mlp.pth (the predictor's layout) and toy/HPS_v2.1_toy.pt (HPSv2's {"state_dict": ...}).
 """
 import contextlib
 import functools
@@ -160,26 +162,29 @@ def seeded(seed: int):
 # plain "ViT-L-14" config builds nn.GELU and only warns when it loads them, so the aesthetic MLP would score
 # embeddings it was never trained on. HPSv2.1 was trained from open_clip's ViT-H-14, which is GELU.
 TOWER_CONFIGS = {"aesthetic": "ViT-L-14-quickgelu", "clip": "ViT-L-14-quickgelu", "hps": "ViT-H-14"}
-# Tiny towers: the same configs (activation, block layout) with only these sizes replaced, a 16-d embedding.
-TINY_TOWER = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
-                                              "patch_size": 8},
-              "text_cfg": {"width": 32, "heads": 2, "layers": 1}}
+# The toy world's towers (toyworld.py trains them on its pictures): the same configs (activation, block layout) with
+# only these sizes replaced, and the files their weights are in, each in the layout of its released counterpart.
+TOY_TOWER = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16,
+                                             "patch_size": 4},
+             "text_cfg": {"width": 32, "heads": 2, "layers": 2}}
+TOY_DIR = Path(__file__).parent / "toy"
+OPENAI_TOWER, AESTHETIC_MLP, HPS_CHECKPOINT = "open_clip_model.safetensors", "aesthetic_mlp.pth", "HPS_v2.1_toy.pt"
 
 
-def clip_tower(config: str, tiny: bool = False, pretrained: str | None = None) -> nn.Module:
-    """The open_clip CLIP of model config `config` (see TOWER_CONFIGS), built by open_clip.create_model; with `tiny`,
-    the same config with TINY_TOWER's sizes and random weights, so that the activation and the rest of the
-    architecture come from the real config in tiny mode too."""
-    sizes = {}
-    if tiny:
+def clip_tower(config: str, sizes: dict | None = None, pretrained: str | None = None) -> nn.Module:
+    """The open_clip CLIP of model config `config` (see TOWER_CONFIGS), built by open_clip.create_model, with the
+    weights of `pretrained` (a tag such as "openai", or a checkpoint file); with `sizes` (e.g. TOY_TOWER), the same
+    config with those sizes replaced, so that the activation and the rest of the architecture come from the real
+    config at any size."""
+    if sizes:
         real = open_clip.get_model_config(config)
-        sizes = {"embed_dim": TINY_TOWER["embed_dim"],
-                 **{cfg: {**real[cfg], **TINY_TOWER[cfg]} for cfg in ("vision_cfg", "text_cfg")}}
+        sizes = {"embed_dim": sizes["embed_dim"],
+                 **{cfg: {**real[cfg], **sizes[cfg]} for cfg in ("vision_cfg", "text_cfg")}}
     muted = logging.root.manager.disable
-    if pretrained is None:  # open_clip warns that the model is initialised randomly: intended (tiny, or loaded next)
+    if pretrained is None:  # open_clip warns that the model is initialised randomly: intended (loaded next, or a test)
         logging.disable(logging.WARNING)
     try:
-        return open_clip.create_model(config, pretrained=pretrained, output_dict=True, **sizes)
+        return open_clip.create_model(config, pretrained=pretrained, output_dict=True, **(sizes or {}))
     finally:
         logging.disable(muted)
 
@@ -203,9 +208,21 @@ def fetching(what: str, how: str, errors: tuple = (OSError, ValueError)):
         logging.disable(logging.NOTSET)
 
 
+def toy_file(name: str) -> str:
+    """A toy-world weight file (toy/), or a one-line MissingWeights saying how to make it."""
+    path = TOY_DIR / name
+    if not path.is_file():
+        raise MissingWeights(f"cannot load the toy model {path} (no such file); restore toy/ from git, or retrain it "
+                             "with `python toyworld.py`")
+    return str(path)
+
+
 @functools.cache
-def openai_vit_l14() -> nn.Module:
-    """OpenAI CLIP ViT-L/14 (768-d embedding, QuickGELU), loaded once for both `aesthetic` and `clip`."""
+def openai_vit_l14(tiny: bool) -> nn.Module:
+    """OpenAI CLIP ViT-L/14 (768-d embedding, QuickGELU), loaded once for both `aesthetic` and `clip`; with `tiny`,
+    the toy world's tower of the same config, read from open_clip's own checkpoint layout by the same loader."""
+    if tiny:
+        return clip_tower(TOWER_CONFIGS["clip"], TOY_TOWER, pretrained=toy_file(OPENAI_TOWER))
     with fetching("OpenAI CLIP ViT-L/14 (open_clip ViT-L-14-quickgelu, pretrained='openai')",
                   "pre-download it with `hf download timm/vit_large_patch14_clip_224.openai` on a machine with network "
                   "access", errors=(OSError, RuntimeError)):  # open_clip re-raises download errors as RuntimeError
@@ -237,26 +254,23 @@ def cached_download(url: str) -> Path:
 
 
 def aesthetic(tiny: bool) -> nn.Module:
-    if tiny:
-        with seeded(1):
-            return Aesthetic(clip_tower(TOWER_CONFIGS["aesthetic"], tiny=True), dim=TINY_TOWER["embed_dim"])
-    return load_aesthetic_mlp(Aesthetic(openai_vit_l14(), dim=768), cached_download(AESTHETIC_URL))
+    mlp = toy_file(AESTHETIC_MLP) if tiny else cached_download(AESTHETIC_URL)
+    return load_aesthetic_mlp(Aesthetic(openai_vit_l14(tiny), dim=TOY_TOWER["embed_dim"] if tiny else 768), mlp)
 
 
 def hps(tiny: bool) -> nn.Module:
-    tokenizer = open_clip.get_tokenizer(TOWER_CONFIGS["hps"])
     if tiny:
-        with seeded(2):
-            return TextImageCosine(clip_tower(TOWER_CONFIGS["hps"], tiny=True), tokenizer, letterbox)
-    with fetching(f"{HPS_FILE} from hub repo {HPS_REPO}", f"pre-download it with `hf download {HPS_REPO} {HPS_FILE}`"):
-        path = hf_hub_download(HPS_REPO, HPS_FILE)  # before building ViT-H-14, so that a missing file fails at once
-    return TextImageCosine(load_hps_weights(clip_tower(TOWER_CONFIGS["hps"]), path), tokenizer, letterbox)
+        path = toy_file(HPS_CHECKPOINT)
+    else:
+        with fetching(f"{HPS_FILE} from hub repo {HPS_REPO}",
+                      f"pre-download it with `hf download {HPS_REPO} {HPS_FILE}`"):
+            path = hf_hub_download(HPS_REPO, HPS_FILE)  # before building ViT-H-14, so that a missing file fails at once
+    clip = load_hps_weights(clip_tower(TOWER_CONFIGS["hps"], TOY_TOWER if tiny else None), path)
+    return TextImageCosine(clip, open_clip.get_tokenizer(TOWER_CONFIGS["hps"]), letterbox)
 
 
 def clip_score(tiny: bool) -> nn.Module:
-    with seeded(3):
-        clip = clip_tower(TOWER_CONFIGS["clip"], tiny=True) if tiny else openai_vit_l14()
-    return TextImageCosine(clip, open_clip.get_tokenizer(TOWER_CONFIGS["clip"]), centre_crop)
+    return TextImageCosine(openai_vit_l14(tiny), open_clip.get_tokenizer(TOWER_CONFIGS["clip"]), centre_crop)
 
 
 def compressibility(tiny: bool) -> nn.Module:

@@ -26,12 +26,14 @@ terms, the EMA schedule, which features are distilled) is our reading, with ever
 import dataclasses
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import cli as command_line  # rid.cli is the function at the end
 from cli import option
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TOY_MODEL = str(Path(__file__).resolve().with_name("toy") / "pipeline")  # the toy world's pipeline (toyworld.py)
 REWARD_NAMES = ("aesthetic", "hps", "clip", "compressibility")  # rewards.REWARDS, which needs open_clip (a test checks)
 
 
@@ -42,18 +44,24 @@ class Args:
     k: int = option(1, "the last K DDIM steps carry gradients (1 <= K <= T)")
     random_k: bool = option(False, "draw K uniformly from 1..k once per batch")
     lambda_out: float = option(1.0, "weight of output (eps) distillation")
-    lambda_feat: float = option(0.01, "weight of feature distillation (an MSE of raw activations: far larger than "
-                                "L_out)")
+    lambda_feat: float = option(0.01, "weight of feature distillation (each layer's MSE over the teacher's "
+                                "activation variance)")
     feat_layers: str = option("mid_block,up_blocks.0,up_blocks.1", "UNet modules whose outputs are distilled, "
                               "comma-separated")
     ema_decay: float | None = option(None, "teacher EMA decay mu in [0, 1]; horizon ~1/(1-mu) steps; 1 = frozen "
                                      "task-start teacher")
     reward_scale: float | None = option(None, "s in L_reward = -s * mean r")
+    distill_at: Literal["gradient-steps", "trajectory"] = option(
+        "gradient-steps", "where the teacher is compared: at the K gradient steps, or at one step drawn per batch "
+        "from the whole DDIM chain (its no-grad state, detached: one more student call with gradients)")
+    clora_weight: float = option(0.0, "weight of C-LoRA's self-regularisation (Smith et al. 2023): a penalty on the "
+                                 "new adapter's change where earlier adapters changed the weights (needs the adapter "
+                                 "group)")
     lora_rank: int = option(4, "LoRA rank r of each adapter (alpha = r)")
     shared_adapter: bool = option(False, "one LoRA adapter for all tasks instead of one each")
     # Sampling and optimisation.
     num_steps: int | None = option(None, "DDIM steps T")
-    guidance_scale: float = option(7.5, "classifier-free guidance scale w")
+    guidance_scale: float | None = option(None, "classifier-free guidance scale w")
     eta: float = option(0.0, "DDIM eta (0: deterministic)")
     steps_per_task: int | None = option(None, "optimizer steps per reward")
     batch_size: int | None = option(None, "prompts per process and micro-batch")
@@ -64,11 +72,13 @@ class Args:
     resolution: int | None = option(None, "image side in pixels")
     seed: int = option(0, "random seed (LoRA init, prompts, noise)")
     # The run: models, inputs and outputs, resuming, precision and memory, logging (plumbing.py).
-    tiny: bool = option(False, "tiny random models built from code (CPU, no download)")
+    tiny: bool = option(False, "the toy world: tiny pretrained models of SD's classes and toy reward towers, from toy/ "
+                        "(CPU, no download; README, Tiny mode)")
     random_weights: bool = option(False, "SD1.5's architecture with random weights, built from code (no download; "
                                   "for benchmarks)")
-    model: str = option(SD15, "diffusers Stable Diffusion checkpoint (hub id or local path)")
-    prompts: str | None = option(None, "text file, one prompt a line (default: built-in set)")
+    model: str | None = option(None, "diffusers Stable Diffusion pipeline (hub id or local directory)")
+    prompts: str | None = option(None, "text file, one prompt a line (default: a built-in set; tiny: the toy world's "
+                                 "seen captions)")
     out_dir: str = option("runs/rid", "output directory (holds no run yet, unless --resume)")
     resume: bool = option(False, "continue the run in --out-dir from its last checkpoint")
     checkpoint_every: int = option(50, "write OUT/checkpoint.pt every this many steps (and at each task end)")
@@ -88,12 +98,11 @@ class Args:
 
 
 MODE_DEFAULTS = {
-    "full": dict(steps_per_task=500, num_steps=50, batch_size=4, resolution=512, lr=4e-4, reward_scale=1.0,
-                 ema_decay=0.99),
-    # Tiny random models have LoRA gradients of ~1e-8, below AdamW's eps: the reward is scaled up so that the
-    # optimizer sees them, and the run is short (see README, "Tiny mode").
-    "tiny": dict(steps_per_task=20, num_steps=10, batch_size=2, resolution=32, lr=3e-2, reward_scale=1e4,
-                 ema_decay=0.8),
+    "full": dict(model=SD15, steps_per_task=500, num_steps=50, batch_size=4, resolution=512, guidance_scale=7.5,
+                 lr=4e-4, reward_scale=1.0, ema_decay=0.99),
+    # The toy world's pretrained models (README, "Tiny mode": how each value was chosen).
+    "tiny": dict(model=TOY_MODEL, steps_per_task=20, num_steps=10, batch_size=2, resolution=32, guidance_scale=3.0,
+                 lr=3e-3, reward_scale=1.0, ema_decay=0.9),
 }
 
 
@@ -120,6 +129,7 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
+from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
@@ -222,31 +232,44 @@ def ddim_step(pipe, eps: torch.Tensor, t, x: torch.Tensor, args: Args, generator
     return pipe.scheduler.step(guide(eps, args.guidance_scale), t, x, eta=args.eta, variance_noise=noise).prev_sample
 
 
-def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generator=None, process=(0, 1)):
+def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generator=None, process=(0, 1),
+                   distill_step: int | None = None):
     """DDIM from x_T (B,4,h,w) to x_0 latents. Steps 1..T-k run under no_grad in --mixed-precision's dtype with the
     LoRA folded into the weights (the fast path: they are most UNet calls and need no graph), the last k with
     gradients in fp32, each UNet call in activation checkpointing (unless --no-checkpointing). With a teacher
-    (name -> LoRA tensor), also returns L_out and L_feat averaged over the k gradient steps; the teacher sees the
-    same input as the student, detached. `generator` and `process` (index, count) give the noise for --eta > 0."""
+    (name -> LoRA tensor), also returns the distillation terms (distil): at the k gradient steps, or, with
+    distill_step (--distill-at trajectory), at that one step of the whole chain. `generator` and `process`
+    (index, count) give the noise for --eta > 0. Returns x_0 and the loss terms {"loss_out", "loss_feat", ...}."""
     timesteps = pipe.scheduler.timesteps
     split = len(timesteps) - k
+    visited = None  # (x_t, t) of the trajectory step that is distilled
     with torch.no_grad(), adapters_folded(pipe.unet), low_precision(args, x.device):  # fold first, in fp32
-        for t in timesteps[:split]:
+        for i, t in enumerate(timesteps[:split]):
+            visited = (x, t) if i == distill_step else visited
             eps, _ = unet_eps(pipe.unet, pipe.scheduler.scale_model_input(x, t), t, text_emb)
             x = ddim_step(pipe, eps, t, x, args, generator, process)
     layers = args.feat_layers.split(",") if args.lambda_feat > 0 else ()
     losses = []
-    for t in timesteps[split:]:
+    for i, t in enumerate(timesteps[split:], start=split):
         x_in = pipe.scheduler.scale_model_input(x, t)
+        visited = (x, t) if i == distill_step else visited
+        # The first gradient step's input carries no graph (it comes from the no_grad chain), so its own call serves
+        # distillation too; later steps' inputs depend on theta, and distil() calls the student again, detached.
+        reuse = teacher is not None and distill_step is None and not x_in.requires_grad
         with full_precision(x.device):
-            eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb, layers)
-            if teacher is not None:
-                with torch.no_grad():
-                    eps_t, feats_t = unet_eps(pipe.unet, x_in.detach(), t, text_emb, layers, params=teacher)
-                losses.append(distillation_losses(eps, feats, eps_t, feats_t))
+            eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb,
+                                      layers if reuse else ())
+            if teacher is not None and distill_step is None:
+                losses.append(distil(pipe.unet, x_in, t, text_emb, layers, teacher, args, (eps, feats) if reuse else None))
         x = ddim_step(pipe, eps, t, x, args, generator, process)
-    l_out, l_feat = (torch.stack(terms).mean() for terms in zip(*losses)) if losses else (x.new_zeros(()),) * 2
-    return x, l_out, l_feat
+    if teacher is not None and visited is not None:
+        x_t, t = visited
+        with full_precision(x.device):
+            losses.append(distil(pipe.unet, pipe.scheduler.scale_model_input(x_t, t), t, text_emb, layers, teacher,
+                                 args))
+    if not losses:
+        return x, {"loss_out": x.new_zeros(()), "loss_feat": x.new_zeros(())}
+    return x, {name: torch.stack([terms[name] for terms in losses]).mean() for name in losses[0]}
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
@@ -262,7 +285,7 @@ def generate(pipe, prompts: list[str], latents: torch.Tensor, args: Args, genera
     """Images (B,3,H,W) in [0,1] for prompts and initial latents, no gradients (what diffusers' pipeline computes).
     `generator` draws the noise for --eta > 0 (default: a fresh one seeded with --seed), never the global RNG."""
     generator = torch.Generator().manual_seed(args.seed) if generator is None else generator
-    x0, _, _ = sample_latents(pipe, latents, encode_prompts(pipe, prompts), args, k=0, generator=generator)
+    x0, _ = sample_latents(pipe, latents, encode_prompts(pipe, prompts), args, k=0, generator=generator)
     return decode(pipe.vae, x0)
 
 
@@ -312,24 +335,67 @@ def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     return convert_state_dict_to_diffusers(stacked)
 
 
+def adapter_name(args: Args, task: int) -> str:
+    return "shared" if args.shared_adapter else f"task{task}"
+
+
 def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str, torch.nn.Parameter]:
     """The trainable LoRA tensors of this task: a fresh adapter, unless it exists (the shared adapter after task 1,
     or an adapter rebuilt from a checkpoint, which is then the last one added and so the trainable one)."""
-    name = "shared" if args.shared_adapter else f"task{task}"
+    name = adapter_name(args, task)
     if name in getattr(unet, "peft_config", {}):
         return adapter_tensors(unet, name)
     return add_task_adapter(unet, name, args.lora_rank)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distillation: the student against the EMA teacher at the K gradient steps (the teacher's calls are in
-# sample_latents).
+# Distillation: the student against the EMA teacher at visited states of the sampling chain, and C-LoRA's penalty.
 
-def distillation_losses(eps, feats, eps_teacher, feats_teacher):
-    """L_out = ||eps_S - eps_T||^2 and L_feat = mean over layers of ||h_S - h_T||^2 (each a mean over elements)."""
+def distil(unet, x_in, t, text_emb, layers, teacher, args: Args, student=None) -> dict:
+    """The distillation terms at one visited state x_in (B,4,h,w), taken as data (detached): the student's outputs
+    there (its own checkpointed call, or `student` = (eps, feats) of a call that already saw exactly this detached
+    input) against the teacher's, which runs on the same UNet with its LoRA tensors swapped in, without gradients.
+    So the gradient is that of a regression at the states the sampler visits, whatever K is."""
+    x_in = x_in.detach()
+    if student is None:
+        student = checkpointed(args.checkpointing, unet_eps, unet, x_in, t, text_emb, layers)
+    with torch.no_grad():
+        eps_teacher, feats_teacher = unet_eps(unet, x_in, t, text_emb, layers, params=teacher)
+    return distillation_losses(*student, eps_teacher, feats_teacher, layers)
+
+
+def distillation_losses(eps, feats, eps_teacher, feats_teacher, layers=()) -> dict:
+    """L_out = ||eps_S - eps_T||^2 (a mean over elements), and L_feat = mean over layers of ||h_S - h_T||^2 / Var(h_T):
+    each layer's MSE divided by the variance of the teacher's activations there, so that every layer counts alike
+    and one --lambda-feat means the same on any model and resolution. Each layer's term is returned too."""
     l_out = F.mse_loss(eps, eps_teacher)
-    l_feat = torch.stack([F.mse_loss(h, h_t) for h, h_t in zip(feats, feats_teacher)]).mean() if feats else 0 * l_out
-    return l_out, l_feat
+    per_layer = {f"loss_feat/{name}": F.mse_loss(h, h_t) / h_t.var().clamp_min(1e-12)
+                 for name, h, h_t in zip(layers, feats, feats_teacher)}
+    l_feat = torch.stack(list(per_layer.values())).mean() if per_layer else 0 * l_out
+    return {"loss_out": l_out, "loss_feat": l_feat, **per_layer}
+
+
+@torch.no_grad()
+def past_deltas(unet: UNet2DConditionModel, current: str) -> dict[str, torch.Tensor]:
+    """C-LoRA's record of what earlier tasks changed: for every LoRA layer, |sum_a B_a A_a| (out, in) over the other
+    adapters a (scale 1: alpha = r). Constant during a task; empty for a first or a shared adapter."""
+    deltas = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            earlier = [a for a in module.lora_A if a != current]
+            if earlier:
+                deltas[name] = sum(module.lora_B[a].weight @ module.lora_A[a].weight for a in earlier).abs()
+    return deltas
+
+
+def clora_penalty(unet: UNet2DConditionModel, current: str, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+    """C-LoRA's self-regularisation (Smith et al. 2023, Continual Diffusion): sum over layers of
+    || |sum_{a<n} B_a A_a| * (B_n A_n) ||^2, elementwise: the new adapter may change the weights freely only where
+    earlier tasks did not."""
+    modules = dict(unet.named_modules())
+    terms = [(deltas[name] * (modules[name].lora_B[current].weight @ modules[name].lora_A[current].weight)).pow(2).sum()
+             for name in deltas]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,22 +413,34 @@ def draw_batch(pipe, prompts: list[str], args: Args, generator: torch.Generator,
     return [prompts[i] for i in ids[mine]], x_T[mine], k
 
 
+def draw_distill_step(pipe, args: Args, generator: torch.Generator) -> int | None:
+    """--distill-at trajectory: the index of the one DDIM step (of T, uniformly) where the teacher is compared this
+    batch, so that the steps which set an image's structure are distilled too; None: at the K gradient steps."""
+    if args.distill_at == "gradient-steps":
+        return None
+    return int(torch.randint(len(pipe.scheduler.timesteps), (), generator=generator))
+
+
 def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Generator, accelerator=None,
-               scaler=None) -> dict:
+               scaler=None, clora=None) -> dict:
     """Sample a batch with gradients through the last K steps, score it, and backpropagate
-    L = L_reward + lambda_out L_out + lambda_feat L_feat, divided by --grad-accum (gradients add up over
-    micro-batches) and multiplied by the fp16 loss scale if a grad scaler is given. Returns the rewards (B,), the loss
-    terms (detached) and K."""
+    L = L_reward + lambda_out L_out + lambda_feat L_feat (+ the C-LoRA penalty with `clora` = (adapter, past
+    deltas)), divided by --grad-accum (gradients add up over micro-batches) and multiplied by the fp16 loss scale if a
+    grad scaler is given. Returns the rewards (B,), the loss terms (detached) and K."""
     process = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     batch, x_T, k = draw_batch(pipe, prompts, args, generator, process)
-    x0, l_out, l_feat = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator, process)
+    step = draw_distill_step(pipe, args, generator) if teacher is not None else None
+    x0, terms = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator, process, step)
     images = checkpointed(args.checkpointing, decode, pipe.vae, x0)                       # (B, 3, H, W)
     rewards = score(scorer, images, batch)                                                # (B,)
-    l_reward = -args.reward_scale * rewards.mean()
-    loss = l_reward + args.lambda_out * l_out + args.lambda_feat * l_feat
+    terms["loss_reward"] = -args.reward_scale * rewards.mean()
+    if clora is not None:
+        terms["loss_clora"] = clora_penalty(pipe.unet, *clora)
+    loss = (terms["loss_reward"] + args.lambda_out * terms["loss_out"] + args.lambda_feat * terms["loss_feat"]
+            + args.clora_weight * terms.get("loss_clora", 0))
     with full_precision(x_T.device):  # the K steps' checkpoints are recomputed in here: as precise as their forward
         (loss / args.grad_accum if scaler is None else scaler.scale(loss / args.grad_accum)).backward()
-    terms = {"loss": loss, "loss_reward": l_reward, "loss_out": l_out, "loss_feat": l_feat}
+    terms["loss"] = loss
     return {"rewards": rewards.detach(), **{name: term.detach().float() for name, term in terms.items()}, "k": k}
 
 
@@ -392,9 +470,11 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
     checkpoints and continues a task from a checkpoint taken inside it (its step, optimizer and teacher)."""
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     first, teacher = run.start_task(task, name, params, optimizer, new_teacher(params, args))
+    adapter = adapter_name(args, task)
+    clora = (adapter, past_deltas(pipe.unet, adapter)) if args.clora_weight > 0 else None
     for _ in run.steps(first):
-        micro_batches = [train_step(pipe, scorer, prompts, teacher, args, run.generator, run.accelerator, run.scaler)
-                         for _ in range(args.grad_accum)]
+        micro_batches = [train_step(pipe, scorer, prompts, teacher, args, run.generator, run.accelerator, run.scaler,
+                                    clora) for _ in range(args.grad_accum)]
         average_gradients(params, run.accelerator)
         metrics = step_metrics(micro_batches, run.accelerator)
         metrics.update(optimizer_update(optimizer, params, run.scaler, teacher, args, metrics["loss"]))
@@ -419,7 +499,7 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     launch rid.py`); only the main process writes. Everything is checked before the first byte is written."""
     args = resolve(args)
     new = check_args(args)
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts, args.tiny)
     run = Run(args, new)  # the checkpoint to resume from, the Accelerator, the fp16 grad scaler
     if run.finished:
         return None
