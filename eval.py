@@ -153,17 +153,18 @@ def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int],
 
 @torch.no_grad()
 def score_rows(rows: torch.Tensor, prompts: list[str], scorers: dict, device, batch_size: int) -> torch.Tensor:
-    """Every reward of every image: rows (M, B, 3, H, W), B prompts -> scores (M, B, J), J = len(scorers). In fp32,
-    as in training (rid.score)."""
+    """Every reward of every image: rows (M, B, 3, H, W), B prompts -> scores (M, B, J), J = len(scorers), the
+    scorers (on the CPU) each copied to the device for its turn. In fp32, as in training (rid.score)."""
     scores = torch.zeros(*rows.shape[:2], len(scorers))
     bar = tqdm(total=rows.shape[0] * len(scorers), desc="scoring", dynamic_ncols=True)
     for j, scorer in enumerate(scorers.values()):
-        for i, row in enumerate(rows):
-            for start in range(0, len(prompts), batch_size):
-                images = row[start:start + batch_size].to(device)
-                batch_prompts = prompts[start:start + batch_size]
-                scores[i, start:start + batch_size, j] = rid.score(scorer, images, batch_prompts).cpu()
-            bar.update()
+        with rid.scorer_on(scorer, device) as on_device:  # one reward tower on the device at a time
+            for i, row in enumerate(rows):
+                for start in range(0, len(prompts), batch_size):
+                    images = row[start:start + batch_size].to(device)
+                    batch_prompts = prompts[start:start + batch_size]
+                    scores[i, start:start + batch_size, j] = rid.score(on_device, images, batch_prompts).cpu()
+                bar.update()
     bar.close()
     return scores
 
@@ -361,7 +362,7 @@ def evaluate(run: Path, prompts: list[str] | None, seeds: list[int], extra: list
     pipe = rid.load_pipeline(args, device)
     plumbing.warn_long_prompts(pipe.tokenizer, prompts)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
-    scorers = {name: load_reward(name, device, args.tiny) for name in columns}
+    scorers = {name: load_reward(name, "cpu", args.tiny) for name in columns}
 
     rows = generate_rows(pipe, tasks, prompts, seeds, args, opts.batch_size)              # (N+1, S*P, 3, H, W)
     scores = score_rows(rows, prompts * len(seeds), scorers, device, opts.batch_size)      # (N+1, S*P, J)

@@ -384,26 +384,29 @@ def check_feat_layers_see_lora(unet: UNet2DConditionModel, layers: list[str]) ->
                              "mid_block, up_blocks.0 (or --lambda-feat 0)")
 
 
-# The VAE decoder's last block works at full resolution with block_out_channels[0] channels; a training step holds at
-# least this many such (B, C0, H, W) tensors at its peak. Measured on CPU (VmHWM over one tiny RID step, checkpointing
-# on, after a warm-up step): 73 of them at 128 px batch 4 and at 256 px batch 2. 8 keeps the check a lower bound: it
-# refuses only sizes that cannot fit, and leaves the rest to the allocator.
+# The VAE decoder's last block works at full resolution with block_out_channels[0] channels; decoding one image with
+# gradients holds at least this many such (C0, H, W) tensors at its peak. Measured on CPU (VmHWM over one tiny RID
+# step, checkpointing on, after a warm-up step, when the batch was decoded as one): 73 per image at 128 px batch 4 and
+# at 256 px batch 2. 8 keeps the check a lower bound: it refuses only sizes that cannot fit, and leaves the rest to
+# the allocator.
 DECODER_FULL_RES_TENSORS = 8
 
 
 def check_memory(args, pipe: StableDiffusionPipeline) -> None:
     """Refuse a --resolution x --batch-size whose activations cannot fit in the device's memory, before allocating
-    them: the decoder's full-resolution activations, (B, C0, H, W) each, against the GPU's or the machine's memory."""
+    them: the decoder's full-resolution activations, (C0, H, W) each, of the images decoded at once (one with
+    checkpointing, rid.decode_with_grad; the batch without), against the GPU's or the machine's memory."""
     element = torch.finfo(pipe.vae.dtype).bits // 8
-    need = (DECODER_FULL_RES_TENSORS * args.batch_size * pipe.vae.config.block_out_channels[0] * args.resolution ** 2
-            * element)
+    at_once = 1 if args.checkpointing else args.batch_size
+    need = DECODER_FULL_RES_TENSORS * at_once * pipe.vae.config.block_out_channels[0] * args.resolution ** 2 * element
     device = pipe.device
     total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
              else psutil.virtual_memory().total)
     if need > total:
-        raise UsageError(f"--resolution {args.resolution} with --batch-size {args.batch_size} needs more than "
-                         f"{need / 2 ** 30:.0f} GiB for the VAE decoder alone, and this {device.type} has "
-                         f"{total / 2 ** 30:.0f} GiB; lower them (--grad-accum keeps the effective batch)")
+        batch = "" if args.checkpointing else f" with --batch-size {args.batch_size} and --no-checkpointing"
+        raise UsageError(f"--resolution {args.resolution}{batch} needs more than {need / 2 ** 30:.0f} GiB for the VAE "
+                         f"decoder alone, and this {device.type} has {total / 2 ** 30:.0f} GiB; lower them "
+                         "(--grad-accum keeps the effective batch)")
 
 
 

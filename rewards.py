@@ -98,18 +98,27 @@ class Aesthetic(nn.Module):
 class TextImageCosine(nn.Module):
     """Cosine similarity of normalised image and prompt embeddings (HPSv2 and CLIP score; no logit scale), with the
     preprocessing of the official scorer: letterbox for HPSv2, centre_crop for OpenAI CLIP.
-    The text side needs no gradient, so it runs under no_grad; the image side keeps its graph."""
+    The text side needs no gradient: it runs under no_grad, once per prompt and dtype (training and evaluation reuse a
+    fixed set of prompts), and the image side keeps its graph."""
 
     def __init__(self, clip: nn.Module, tokenizer, preprocess):
         super().__init__()
         self.clip, self.tokenizer, self.preprocess = clip, tokenizer, preprocess
+        self.text_cache: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str], device) -> torch.Tensor:
+        """Normalised prompt embeddings (B, D), each computed once per prompt and tower dtype, then kept."""
+        dtype = next(self.clip.parameters()).dtype
+        missing = [p for p in dict.fromkeys(prompts) if (p, dtype) not in self.text_cache]
+        if missing:
+            features = F.normalize(self.clip.encode_text(self.tokenizer(missing).to(device)), dim=-1)
+            self.text_cache.update({(p, dtype): f.cpu() for p, f in zip(missing, features)})
+        return torch.stack([self.text_cache[p, dtype] for p in prompts]).to(device)
 
     def forward(self, images, prompts):
         image_features = encode_image(self.clip, images, self.preprocess)
-        with torch.no_grad():
-            tokens = self.tokenizer(prompts).to(images.device)
-            text_features = F.normalize(self.clip.encode_text(tokens), dim=-1)
-        return (image_features * text_features).sum(-1)
+        return (image_features * self.text_features(prompts, images.device).to(image_features.dtype)).sum(-1)
 
 
 # JPEG's standard luminance quantisation table (quality 50), row-major over the 8x8 DCT frequencies.

@@ -122,6 +122,7 @@ if __name__ == "__main__":
     command_line.parse_or_exit("rid.py", parse_args, sys.argv[1:])  # parsed again by cli() below: a few milliseconds
 
 import contextlib  # noqa: E402  (the heavy imports: after the command line is parsed)
+import copy  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
@@ -151,17 +152,51 @@ def low_precision(args: Args, device: torch.device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def ieee_flags() -> list[tuple[object, str, object]]:
+    """(object, attribute, value) that turn TF32 off in cuBLAS matmuls and cuDNN convolutions (PyTorch lets cuDNN
+    convolutions use TF32 by default): torch >= 2.9's fp32_precision API, or the allow_tf32 flags of torch 2.6-2.8,
+    where setting fp32_precision raises AttributeError."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+        return [(matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
+    return [(matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)]
+
+
+@contextlib.contextmanager
+def backend_flags(flags: list[tuple[object, str, object]]):
+    """Set the flags inside the block, and put back what they were."""
+    saved = [getattr(obj, name) for obj, name, _ in flags]
+    for obj, name, value in flags:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for (obj, name, _), value in zip(flags, saved):
+            setattr(obj, name, value)
+
+
 @contextlib.contextmanager
 def full_precision(device: torch.device):
-    """IEEE fp32: autocast off, and no TF32 in cuBLAS matmuls or cuDNN convolutions (PyTorch lets cuDNN
-    convolutions use TF32 by default)."""
-    saved = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cuda.matmul.fp32_precision = torch.backends.cudnn.conv.fp32_precision = "ieee"
+    """IEEE fp32: autocast off, and no TF32 (ieee_flags)."""
+    with backend_flags(ieee_flags()), torch.autocast(device.type, enabled=False):
+        yield
+
+
+@contextlib.contextmanager
+def scorer_on(scorer: torch.nn.Module, device: torch.device):
+    """The scorer on `device` for the block: a copy of it there, dropped afterwards, the scorer itself staying on the
+    CPU. So a GPU holds one reward tower at a time (aesthetic,hps,clip keep ViT-L and ViT-H, ~5.7 GB fp32), while
+    the CPU copies load once. On the CPU the scorer itself serves."""
+    if device.type == "cpu":
+        yield scorer
+        return
+    on_device = copy.deepcopy(scorer).to(device)
     try:
-        with torch.autocast(device.type, enabled=False):
-            yield
+        yield on_device
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+        del on_device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def score(scorer, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -278,6 +313,22 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     sampling and evaluation show. The clamp passes the gradient of pixels in [0,1] and zeroes it beyond."""
     pixels = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.to(latents.dtype) / 2 + 0.5
     return pixels.clamp(0, 1)
+
+
+def decode_with_grad(vae: AutoencoderKL, latents: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """decode() for the reward's gradient, (B,4,h,w) -> (B,3,H,W). With checkpointing, one image at a time, each in
+    its own activation checkpoint: the decoder's full-resolution activations are a step's largest (about 6 GiB per
+    512-px image in fp32), and only one image's are alive at once, in the forward and in the recompute. The
+    recompute runs in the backward pass, inside full_precision; it is put back to the forward's precision flags, so
+    that it computes what the forward did."""
+    if not checkpointing:
+        return decode(vae, latents)
+    as_forward = [(obj, name, getattr(obj, name)) for obj, name, _ in ieee_flags()]
+
+    def one(z):
+        with backend_flags(as_forward):
+            return decode(vae, z)
+    return torch.cat([checkpoint(one, z, use_reentrant=False) for z in latents.split(1)])
 
 
 @torch.no_grad()
@@ -431,7 +482,7 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
     batch, x_T, k = draw_batch(pipe, prompts, args, generator, process)
     step = draw_distill_step(pipe, args, generator) if teacher is not None else None
     x0, terms = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator, process, step)
-    images = checkpointed(args.checkpointing, decode, pipe.vae, x0)                       # (B, 3, H, W)
+    images = decode_with_grad(pipe.vae, x0, args.checkpointing)                           # (B, 3, H, W)
     rewards = score(scorer, images, batch)                                                # (B,)
     terms["loss_reward"] = -args.reward_scale * rewards.mean()
     if clora is not None:
@@ -506,14 +557,15 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     device = run.accelerator.device
     pipe = load_pipeline(args, device)
     check_model_args(args, pipe)
-    scorers = {name: load_reward(name, device, args.tiny) for name in dict.fromkeys(reward_names(args))}
+    scorers = {name: load_reward(name, "cpu", args.tiny) for name in dict.fromkeys(reward_names(args))}
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     torch.manual_seed(args.seed)  # LoRA initialisation: the same on every process
     run.open(pipe, prompts, add_task_adapter)  # checks that need the model, the run's files, the checkpoint restored
     with run.training():
         for task, name in run.tasks():
             params = task_adapter(pipe.unet, args, task)
-            train_task(pipe, scorers[name], prompts, params, args, task, name, run)
+            with scorer_on(scorers[name], device) as scorer:  # only this task's reward tower on the device
+                train_task(pipe, scorer, prompts, params, args, task, name, run)
             if run.is_main:
                 run.task_end(samples(pipe, prompts[:4], args), prompts[:4], lora_state_dict(pipe.unet))
     return pipe
