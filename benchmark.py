@@ -27,7 +27,7 @@ import cli as command_line  # benchmark.cli is the function at the end
 
 @dataclass
 class BenchmarkArgs:
-    tiny: bool = field(default=False, metadata={"help": "tiny random models (as rid.py --tiny)"})
+    tiny: bool = field(default=False, metadata={"help": "the toy world's tiny models (as rid.py --tiny)"})
     random_weights: bool = field(default=False, metadata={"help": "SD1.5's architecture with random weights"})
     resolution: int | None = field(default=None, metadata={"help": "image side in pixels [rid.py's default for the "
                                                                     "mode]"})
@@ -302,17 +302,23 @@ def benchmark(opts: BenchmarkArgs) -> dict:
     """Run the benchmark; print its tables (and write --json). Returns every number."""
     args = bench_args(opts, "rid", 1)
     t = args.num_steps
+    for name in ("resolution", "num_steps", "batch_size"):
+        if not 0 < getattr(args, name) < plumbing.COUNT_LIMIT:
+            raise plumbing.UsageError(f"--{name.replace('_', '-')} must be a positive integer below 2^31, got "
+                                      f"{getattr(args, name)}")
     ks = [int(k) for k in opts.ks.split(",") if k.strip().isdigit()]
     if len(ks) != len(opts.ks.split(",")) or not all(1 <= k <= t for k in ks) or opts.repeats <= 0:
         raise plumbing.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), and "
                                   f"--repeats positive; got --ks {opts.ks} --repeats {opts.repeats}")
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = "tiny" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
+    model = "toy world" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    # Memory first: each configuration runs in a fresh process, and would find the GPU memory that this process's
+    # caching allocator keeps after the timing runs taken (the timings need no memory of their own).
+    memory = peak_memories(opts, ks)
     result = {"model": model, "device": where, "resolution": args.resolution, "batch_size": args.batch_size,
               "num_steps": t, "ks": ks, "reward": opts.reward, "repeats": opts.repeats,
-              "precision": opts.mixed_precision,
-              "seconds": step_times(opts, ks, device), "peak_memory_bytes": peak_memories(opts, ks)}
+              "precision": opts.mixed_precision, "peak_memory_bytes": memory, "seconds": step_times(opts, ks, device)}
     print(benchmark_tables(result))
     if opts.json:
         plumbing.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))

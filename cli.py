@@ -27,10 +27,25 @@ class UsageError(ValueError):
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but an error is one UsageError line (no usage dump), with a guess for a misspelt flag."""
 
+    def parse_args(self, args=None, namespace=None):
+        self.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
+
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
             message = unknown_argument(message.split(":", 1)[1].split()[0], self)
+        elif message.endswith("expected one argument"):
+            message += negative_value_hint(message, getattr(self, "argv", []))
         raise UsageError(message)
+
+
+def negative_value_hint(message: str, argv: list[str]) -> str:
+    """argparse reads `--lr -inf` as two flags; if the flag was followed by something negative, say how to give it."""
+    names = message.split(":")[0].removeprefix("argument ").split("/")
+    for option, value in zip(argv, argv[1:]):
+        if option in names and value.startswith("-") and value[1:2] not in ("-", ""):
+            return f" (a value that starts with '-' must be attached: {option}={value})"
+    return ""
 
 
 def unknown_argument(argument: str, parser: argparse.ArgumentParser) -> str:

@@ -87,6 +87,11 @@ def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     if not (run / "config.json").is_file():
         raise plumbing.UsageError(f"{run}: no config.json; give a run directory written by rid.py")
     args = rid.resolve(rid.Args(**plumbing.read_config(run / "config.json", rid.Args)))
+    try:  # an edited config.json is checked as rid.py checks its flags
+        plumbing.check_reward_names(rid.reward_names(args), "rewards")
+        plumbing.check_numbers(args)
+    except plumbing.UsageError as error:
+        raise plumbing.UsageError(f"{run}/config.json holds a value rid.py would refuse ({error}); restore it") from None
     tasks = [run / f"task{i}_{name}" for i, name in enumerate(rid.reward_names(args), start=1)]
     for task in tasks:
         if not (task / plumbing.LORA_FILE).is_file():
@@ -116,9 +121,28 @@ def eval_settings(opts: EvalArgs) -> tuple[list[str] | None, list[int], list[str
         seeds = [int(seed) for seed in opts.seeds.split(",")]
     except ValueError:
         raise plumbing.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {opts.seeds!r}") from None
+    n_prompts = len(prompts) if prompts is not None else opts.num_prompts or len(EVAL_PROMPTS)
+    if n_prompts * len(seeds) < 2:
+        raise plumbing.UsageError("one prompt with one seed gives one image per model, and gains are in units of the "
+                                  "base images' standard deviation: give at least two prompts or seeds")
     extra = [name.strip() for name in opts.extra_rewards.split(",") if name.strip()]
     plumbing.check_reward_names(extra, "--extra-rewards")
+    eval_device(opts)
     return prompts, seeds, extra
+
+
+def eval_device(opts: EvalArgs) -> torch.device:
+    """--device as a torch device that exists here (default: cuda if available, else cpu)."""
+    try:
+        device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise plumbing.UsageError(f"--device {opts.device!r} is not a torch device; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise plumbing.UsageError(f"--device {opts.device}: this machine has {torch.cuda.device_count()} CUDA "
+                                  "device(s); give cpu, or a GPU that exists")
+    if device.type not in ("cpu", "cuda"):
+        raise plumbing.UsageError(f"--device {opts.device}: eval.py runs on cpu or cuda")
+    return device
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,7 +382,7 @@ def evaluate(run: Path, prompts: list[str] | None, seeds: list[int], extra: list
     prompts = prompts or default_prompts(args, opts.num_prompts)
     task_rewards = rid.reward_names(args)
     columns = list(dict.fromkeys(task_rewards + extra))
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = eval_device(opts)
     pipe = rid.load_pipeline(args, device)
     plumbing.warn_long_prompts(pipe.tokenizer, prompts)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)

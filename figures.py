@@ -110,8 +110,22 @@ def image_grid(images: torch.Tensor, column_titles: list[str], row_labels: list[
 # Training curves, from metrics.jsonl.
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl: one dict per optimizer step, in the order they were taken."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """metrics.jsonl: one dict per optimizer step, in the order they were taken. A damaged line (a crash cut it, or an
+    editor did) is left out rather than crash the reader: the curves are a view, the checkpoint holds the state."""
+    lines = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and METRIC_KEYS <= record.keys():
+            lines.append(record)
+    return lines
+
+
+# What every line rid.py writes holds, and what the curves and eval.py's cost table read.
+METRIC_KEYS = {"task", "reward", "step", "reward_mean", "reward_std", "loss", "loss_reward", "loss_out", "loss_feat",
+               "grad_norm", "skipped", "seconds"}
 
 
 def task_segments(lines: list[dict]) -> list[tuple[str, list[int], list[dict]]]:

@@ -10,6 +10,7 @@ trackers, summary line, bad-step streak, periodic checkpoint, stop request) and 
 import collections
 import contextlib
 import dataclasses
+import fcntl
 import importlib
 import json
 import logging
@@ -23,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -34,8 +36,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError
+from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -59,6 +63,7 @@ RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "cpu", "checkpoint_every"
                      "report_to")
 CHECKPOINT = "checkpoint.pt"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes into each task directory
+KOHYA_FILE = "lora_kohya.safetensors"  # the same LoRA in kohya's format, for ComfyUI, A1111 / Forge and kohya's scripts
 
 
 class TrainingStopped(RuntimeError):
@@ -90,12 +95,20 @@ def read_prompts(path: str | None, tiny: bool = False) -> list[str]:
     Without a file: DEFAULT_PROMPTS, or in tiny mode the captions of the toy world's seen combinations."""
     if path is None:
         return toyworld.world_prompts(toyworld.SEEN) if tiny else DEFAULT_PROMPTS
+    if Path(path).is_dir():
+        raise UsageError(f"--prompts {path}: is a directory; give a text file with one prompt a line")
+    if Path(path).exists() and not Path(path).is_file():
+        raise UsageError(f"--prompts {path}: not a regular file (a FIFO, socket or device, which would be read once or "
+                         "block); give a text file with one prompt a line")
     if not Path(path).is_file():
         raise UsageError(f"--prompts {path}: no such file; give a text file with one prompt a line")
     try:
         data = Path(path).read_bytes()
     except OSError as error:
         raise UsageError(f"--prompts {path}: cannot be read ({error.strerror})") from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UsageError(f"--prompts {path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8, "
+                         "e.g. `iconv -f utf-16 -t utf-8 FILE > FILE.utf8`")
     if b"\0" in data:
         raise UsageError(f"--prompts {path}: a binary file (it holds NUL bytes); give a UTF-8 text file, one prompt a "
                          "line")
@@ -112,12 +125,14 @@ def read_prompts(path: str | None, tiny: bool = False) -> list[str]:
 
 # Each float flag must be finite and satisfy its condition; the reason says what a value outside would silently do.
 NUMBER_RANGES = {
-    "lr": (lambda v: v > 0, "> 0"),
+    "lr": (lambda v: 0 < v <= 1, "in (0, 1] (AdamW's steps are about lr in size: beyond 1 a LoRA is destroyed)"),
     "weight_decay": (lambda v: v >= 0, ">= 0"),
     "grad_clip": (lambda v: v > 0, "> 0 (a negative max norm flips the gradient, 0 trains nothing)"),
-    "guidance_scale": (lambda v: True, ""),
+    "guidance_scale": (lambda v: 0 <= v <= 100, "in [0, 100] (SD is sampled at 3 to 15; beyond 100 every step "
+                                                "overflows)"),
     "eta": (lambda v: 0 <= v <= 1, "in [0, 1] (0: deterministic DDIM, 1: DDPM's noise)"),
-    "reward_scale": (lambda v: v > 0, "> 0 (0 trains nothing, a negative scale minimises the reward)"),
+    "reward_scale": (lambda v: 0 < v <= 1e6, "in (0, 1e6] (0 trains nothing, a negative scale minimises the reward, "
+                                             "beyond 1e6 the loss overflows fp16 and swamps distillation)"),
     "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "lambda_out": (lambda v: v >= 0, ">= 0"),
     "lambda_feat": (lambda v: v >= 0, ">= 0"),
@@ -125,12 +140,15 @@ NUMBER_RANGES = {
 }
 
 
+COUNT_LIMIT = 2 ** 31  # every count flag stays below it (torch's int32 indices, a step count a run can reach)
+
+
 def check_numbers(args) -> None:
     """Integers positive and in range, floats finite and in their NUMBER_RANGES."""
     for name in ("steps_per_task", "num_steps", "batch_size", "grad_accum", "resolution", "lora_rank", "log_every",
                  "checkpoint_every", "max_bad_steps"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"{flag(name)} must be a positive integer, got {getattr(args, name)}")
+        if not 0 < getattr(args, name) < COUNT_LIMIT:
+            raise UsageError(f"{flag(name)} must be a positive integer below 2^31, got {getattr(args, name)}")
     if not 1 <= args.k <= args.num_steps:
         raise UsageError(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")
     if not 0 <= args.seed < 2 ** 63:
@@ -161,6 +179,15 @@ def check_model_path(args) -> None:
     if path.exists() and not (path / "model_index.json").is_file():
         raise UsageError(f"--model {args.model}: not a diffusers pipeline directory (no model_index.json); give one, "
                          "e.g. toy/pipeline, or a hub id")
+    if path.exists():
+        try:
+            index = json.loads((path / "model_index.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise UsageError(f"--model {args.model}: its model_index.json cannot be read as JSON ({error}); restore the "
+                             "directory (e.g. save_pretrained it again)") from None
+        if not isinstance(index, dict) or "unet" not in index:
+            raise UsageError(f"--model {args.model}: its model_index.json names no unet, so it is not a Stable "
+                             "Diffusion pipeline; give one")
 
 
 # What a run writes into --out-dir (eval.py adds eval*); a directory holding any of them is never written over.
@@ -185,14 +212,30 @@ def check_writable(out: Path) -> None:
                          "directory") from None
 
 
+def check_name_lengths(path: Path, option: str) -> None:
+    """Every component of `path`, and the longest name a run writes inside it, fit the file system's name limit
+    (usually 255 bytes): otherwise the first write fails with ENAMETOOLONG deep inside a library."""
+    existing = next(p for p in [path.absolute(), *path.absolute().parents] if p.exists())
+    limit = os.pathconf(existing, "PC_NAME_MAX")
+    for part in path.parts:
+        if len(os.fsencode(part)) + len(".tmp") > limit:
+            raise UsageError(f"{option} {str(path)[:60]}...: the name {part[:20]}... is {len(os.fsencode(part))} "
+                             f"bytes long, and this file system allows {limit} (with room for a .tmp suffix); "
+                             "give a shorter path")
+
+
 def check_out_dir(args) -> bool:
     """--out-dir is a writable directory that holds this run's config (with --resume) or no run output at all.
     Returns whether the run is new (no config.json yet): --resume then starts it, as a preemptible job expects."""
     if not args.out_dir.strip():
         raise UsageError("--out-dir is empty; give a directory path, e.g. runs/rid")
     out = Path(args.out_dir)
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out-dir {out} is a symbolic link to {os.readlink(out)}, which does not exist; create its "
+                         "target or give another path")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} is a file; give a directory path")
+    check_name_lengths(out, "--out-dir")
     check_writable(out)
     outputs = run_outputs(out) if out.is_dir() else []
     if "config.json" in outputs:
@@ -247,10 +290,10 @@ def read_config(path: Path, cls) -> dict:
         raise UsageError(f"{path} cannot be read as JSON ({error}); it is damaged: restore it, or start a new run in "
                          "another directory") from None
     fields = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(config, dict) or not config.keys() <= fields:
-        extra = sorted(config.keys() - fields) if isinstance(config, dict) else type(config).__name__
+    if not isinstance(config, dict) or not config.keys() <= fields | {RUN_ID}:
+        extra = sorted(config.keys() - fields - {RUN_ID}) if isinstance(config, dict) else type(config).__name__
         raise UsageError(f"{path} is not a rid.py config (unexpected {extra}); give a run directory written by rid.py")
-    return config
+    return {key: value for key, value in config.items() if key != RUN_ID}
 
 
 def check_resume_config(args, out: Path) -> None:
@@ -308,6 +351,20 @@ def random_pipeline(configs: dict) -> StableDiffusionPipeline:
                                        feature_extractor=None, requires_safety_checker=False)
 
 
+# What StableDiffusionPipeline.from_pretrained(..., safety_checker=None) reads from a diffusers repo: the configs, the
+# tokenizer, the feature extractor's config and the fp32 safetensors weights (about 4.3 GB for SD1.5). A plain
+# `hf download` of the SD1.5 repo also fetches its single-file checkpoints, .bin, fp16 and non-EMA variants and the
+# safety checker: tens of GB.
+PIPELINE_FILES = ("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "text_encoder/config.json",
+                  "text_encoder/model.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                  "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+
+
+def pipeline_download(model: str) -> str:
+    """The command that fetches only PIPELINE_FILES of hub repo `model`."""
+    return f"hf download {model} " + " ".join(f"--include {shlex.quote(pattern)}" for pattern in PIPELINE_FILES)
+
+
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -320,8 +377,8 @@ def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
     if args.random_weights:
         pipe = random_pipeline(SD15_ARCHITECTURE)  # fp32: the same weights in every precision
     else:
-        with fetching(f"--model {args.model}", f"pre-download it with `hf download {args.model}` on a machine with "
-                      "network access, or pass a local diffusers directory with --model PATH"):
+        with fetching(f"--model {args.model}", f"pre-download it on a machine with network access with "
+                      f"`{pipeline_download(args.model)}`, or pass a local diffusers directory with --model PATH"):
             pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32, safety_checker=None,
                                                            requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -339,7 +396,8 @@ def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
 
 def check_model_args(args, pipe: StableDiffusionPipeline) -> None:
     """Checks that need the model: the distilled layers exist and see the LoRA, the latent fits the UNet's
-    downsampling, and the activations of --resolution x --batch-size can fit in memory."""
+    downsampling, the rank and T fit the model, and the activations of --resolution x --batch-size can fit in
+    memory."""
     names = {name for name, _ in pipe.unet.named_modules()}
     for layer in args.feat_layers.split(","):
         if layer not in names:
@@ -349,6 +407,14 @@ def check_model_args(args, pipe: StableDiffusionPipeline) -> None:
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if args.resolution % multiple:
         raise UsageError(f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}")
+    widths = [min(m.in_features, m.out_features) for name, m in pipe.unet.named_modules()
+              if name.endswith(tuple("." + t for t in LORA_TARGETS))]
+    if args.lora_rank > min(widths):
+        raise UsageError(f"--lora-rank {args.lora_rank} exceeds the narrowest LoRA layer of this UNet ({min(widths)} "
+                         "features), where a rank cannot be more than full; give at most that")
+    if args.num_steps > pipe.scheduler.config.num_train_timesteps:
+        raise UsageError(f"--num-steps {args.num_steps} exceeds the {pipe.scheduler.config.num_train_timesteps} "
+                         "timesteps the model was trained with; give at most that (SD is sampled with 20 to 50)")
     check_memory(args, pipe)
 
 
@@ -577,6 +643,7 @@ def where_outputs_went(args, out: Path) -> str:
     """What a finished run printed last: where each output is, and the command to run next."""
     tasks = [out / f"task{i}_{name}" for i, name in enumerate(reward_names(args), start=1)]
     rows = [("LoRA after each task", [task / LORA_FILE for task in tasks]),
+            ("the same, kohya format", [task / KOHYA_FILE for task in tasks]),
             ("sample grids", [task / "samples.png" for task in tasks]),
             ("metrics, a line a step", [out / "metrics.jsonl"]), ("training curves", [out / "training_curves.png"]),
             ("config, checkpoint", [out / "config.json", out / CHECKPOINT])]
@@ -620,13 +687,16 @@ def failed_write(path: Path, tmp: Path | None = None):
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as error:
+        # Measured before the partial file is removed: how much was written, and what was free when the write failed
+        written = (sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else tmp.stat().st_size
+                   ) if tmp is not None and tmp.exists() else 0
+        existing = next(p for p in [path, *path.parents] if p.exists())
+        free = shutil.disk_usage(existing).free
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        reason = getattr(error, "strerror", None)
-        if not reason:  # torch's and safetensors' writers wrap the system's error in their own words
-            existing = next(p for p in [path, *path.parents] if p.exists())
-            reason = f"{str(error).splitlines()[0]}; {shutil.disk_usage(existing).free / 2 ** 20:.1f} MiB free there"
-        raise WriteFailed(f"cannot write {path} ({reason})") from None
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]  # torch/safetensors wrap the error
+        space = f"{free / 2 ** 20:.1f} MiB were free there when {written / 2 ** 20:.1f} MiB of it had been written"
+        raise WriteFailed(f"cannot write {path} ({reason}; {space})") from None
 
 
 @contextlib.contextmanager
@@ -646,15 +716,44 @@ def atomic_dir(path: Path):
         os.replace(tmp, path)
 
 
+LOCK = ".rid.lock"  # OUT's lock file: holds the PID of the run writing OUT
+
+
+def lock_run_dir(out: Path) -> TextIO:
+    """One writer per run directory: an exclusive flock on OUT/.rid.lock, held while the returned file stays open
+    and released by the OS when the process ends (kill -9 included, so no lock outlives its run). The holder writes its
+    PID into it; a second run, or a --resume while the first runs, is refused naming that PID."""
+    with failed_write(out / LOCK):
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise UsageError(f"--out-dir {out} is being written by another rid.py run (PID {holder}); wait for it to end, "
+                         "or choose another directory") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 @dataclass
 class Progress:
-    """Run state beside the model and optimizer that a checkpoint must hold: the generator of prompts, noise and K,
-    how many metric lines are written, the current streak of non-finite steps, and the last checkpoint taken."""
+    """Run state beside the model and optimizer that a checkpoint must hold: the run's id (config.json's), the generator
+    of prompts, noise and K, how many metric lines are written, the current streak of non-finite steps, the current
+    task's taken and skipped steps, and the last checkpoint taken."""
     out: Path
     generator: torch.Generator
+    run_id: str | None = None
     log: TextIO | None = None
     lines: int = 0
     bad_streak: int = 0
+    taken: int = 0
+    skipped: int = 0
     saved_at: str = "none yet"
 
     def log_line(self, line: str) -> None:
@@ -677,7 +776,8 @@ def save_checkpoint(unet, progress: Progress, task: int, step: int, scaler, opti
              "optimizer": optimizer.state_dict() if optimizer is not None else None, "teacher": teacher,
              "scaler": scaler.state_dict(),
              "generator": progress.generator.get_state(), "torch_rng": torch.get_rng_state(),
-             "metric_lines": progress.lines, "bad_streak": progress.bad_streak}
+             "metric_lines": progress.lines, "bad_streak": progress.bad_streak, "run_id": progress.run_id,
+             "task_steps": (progress.taken, progress.skipped)}
     atomic_write(progress.out / CHECKPOINT, lambda f: torch.save(state, f))
     progress.saved_at = f"task {task}, step {step}"
 
@@ -687,11 +787,14 @@ def load_checkpoint(out: Path) -> dict | None:
     path = out / CHECKPOINT
     if not path.exists():
         return None
+    if path.stat().st_size == 0:
+        raise UsageError(f"--resume: {path} is empty (0 bytes); delete it to restart the run from its beginning")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:
-        raise UsageError(f"--resume: {path} cannot be read ({error}); delete it to restart the run from its "
-                         "beginning") from None
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, UnicodeDecodeError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UsageError(f"--resume: {path} cannot be read as a torch checkpoint ({reason}); delete it to restart the "
+                         "run from its beginning") from None
     missing = sorted(CHECKPOINT_KEYS - checkpoint.keys()) if isinstance(checkpoint, dict) else ["all"]
     if missing:
         raise UsageError(f"--resume: {path} is not a rid.py checkpoint (missing {', '.join(missing)}); delete it to "
@@ -716,11 +819,21 @@ def lora_shapes(unet: UNet2DConditionModel, adapters: list[str], rank: int) -> d
 
 
 def check_checkpoint(checkpoint: dict, unet: UNet2DConditionModel, args, path: Path) -> None:
-    """The checkpoint belongs to this run: its task and step are in range and its LoRA tensors have the names and
-    shapes this model and --lora-rank give (a checkpoint copied from a run with another rank does not)."""
+    """The checkpoint belongs to this run: it carries the run id of the run's config.json, its task and step are in
+    range, every task before its task has its directory (written before the checkpoint that follows it), and its
+    LoRA tensors have the names and shapes this model and --lora-rank give."""
+    run_id = read_run_id(path.parent)
+    if checkpoint.get("run_id") != run_id:
+        raise UsageError(f"--resume: {path} belongs to another run (run id {checkpoint.get('run_id')}, this run's "
+                         f"config.json says {run_id}); delete it to restart this run from its beginning")
     if not (1 <= checkpoint["task"] <= len(reward_names(args)) and 0 <= checkpoint["step"] <= args.steps_per_task):
         raise UsageError(f"--resume: {path} is at task {checkpoint['task']}, step {checkpoint['step']}, outside this "
                          "run's tasks and steps; delete it to restart the run from its beginning")
+    for task, name in list(enumerate(reward_names(args), start=1))[:checkpoint["task"] - 1]:
+        if not (path.parent / f"task{task}_{name}" / LORA_FILE).is_file():
+            raise UsageError(f"--resume: {path} is at task {checkpoint['task']}, but task{task}_{name}/{LORA_FILE}, "
+                             "which that implies, is missing; delete the checkpoint to restart the run from its "
+                             "beginning")
     expected = lora_shapes(unet, checkpoint["adapters"], args.lora_rank)
     found = {name: tuple(tensor.shape) for name, tensor in checkpoint["lora"].items()}
     wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
@@ -745,6 +858,7 @@ def restore(unet, args, progress: Progress, checkpoint: dict, scaler, add_adapte
     if checkpoint.get("scaler"):  # empty for a disabled (not fp16) scaler
         scaler.load_state_dict(checkpoint["scaler"])
     progress.lines, progress.bad_streak = checkpoint["metric_lines"], checkpoint["bad_streak"]
+    progress.taken, progress.skipped = checkpoint.get("task_steps", (0, 0))
     progress.saved_at = f"task {checkpoint['task']}, step {checkpoint['step']}"
 
 
@@ -759,20 +873,58 @@ def resume_task(resume: dict, params: dict[str, torch.nn.Parameter], optimizer) 
     return resume["step"], teacher
 
 
-def keep_lines(path: Path, n: int) -> None:
-    """Cut `path` back to its first n lines: the steps after the checkpoint are run, and logged, again."""
+def keep_lines(path: Path, n: int) -> int:
+    """Cut `path` back to its first n lines, the ones the checkpoint counts: the steps after it are run, and logged,
+    again. Only whole lines are kept (ending in a newline and holding a JSON object), up to the first damaged one, so a
+    line cut by a crash is dropped rather than glued to the next record. Returns how many were kept: fewer than n
+    when the log was damaged or deleted."""
     with failed_write(path):
-        lines = path.read_text().splitlines(keepends=True)[:n] if path.exists() else []
-    atomic_write(path, lambda f: f.write("".join(lines).encode()))
+        data = path.read_bytes() if path.exists() else b""
+    lines = []
+    for line in data.split(b"\n")[:-1][:n]:  # what follows the last newline is a partial line
+        if not is_metrics_line(line):
+            break
+        lines.append(line + b"\n")
+    atomic_write(path, lambda f: f.write(b"".join(lines)))
+    return len(lines)
 
 
-def write_run_files(args, out: Path, new: bool) -> None:
-    """config.json for a new run (main process only): eval.py rebuilds the run's arguments, and so its base model
-    (--model), from it."""
-    if new:
-        with failed_write(out):
-            out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "config.json", lambda f: f.write(json.dumps(dataclasses.asdict(args), indent=2).encode()))
+def is_metrics_line(line: bytes | str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def write_lora(directory: Path, lora: dict[str, torch.Tensor]) -> None:
+    """A task's LoRA (PEFT's key names, rid.lora_state_dict) twice: in diffusers' format (LORA_FILE, for
+    pipe.load_lora_weights) and in kohya's (KOHYA_FILE: lora_unet_... keys, lora_down/lora_up, an alpha per layer
+    equal to its rank, so scale 1), which ComfyUI, A1111 / Forge and diffusers itself load."""
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(lora))
+    save_file(convert_state_dict_to_kohya({f"unet.{key}": value for key, value in lora.items()}),
+              directory / KOHYA_FILE)
+
+
+def write_run_files(args, out: Path, new: bool) -> str | None:
+    """config.json for a new run (main process only), with a fresh run id that binds every checkpoint to the run:
+    eval.py rebuilds the run's arguments, and so its base model (--model), from it. Returns the run's id."""
+    if not new:
+        return read_run_id(out)
+    run_id = uuid.uuid4().hex
+    config = {**dataclasses.asdict(args), RUN_ID: run_id}
+    atomic_write(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+    return run_id
+
+
+RUN_ID = "run_id"  # config.json's key beside rid.Args' fields
+
+
+def read_run_id(out: Path) -> str | None:
+    """The run id in OUT/config.json (None for runs written before run ids existed, and for a damaged file)."""
+    try:
+        return json.loads((out / "config.json").read_text()).get(RUN_ID)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resume_hint(progress: Progress) -> str:
@@ -922,9 +1074,9 @@ class Run:
         signum = stop_requested(self.accelerator)
         if signum:  # SIGTERM or Ctrl-C while the models were built
             raise Interrupted(f"stopped by {signal.Signals(signum).name} before training; nothing was written", signum)
-        if self.is_main:
-            self.write_files(pipe)
-        self.progress = Progress(self.out, torch.Generator().manual_seed(self.args.seed))  # the same on every process
+        self.lock = self.take_lock()
+        run_id = self.write_files() if self.is_main else None
+        self.progress = Progress(self.out, torch.Generator().manual_seed(self.args.seed), run_id)  # same everywhere
         if self.checkpoint is not None:
             restore(pipe.unet, self.args, self.progress, self.checkpoint, self.scaler, add_adapter)
             self.accelerator.print(f"resuming {self.out} at {self.progress.saved_at}", file=sys.stderr)
@@ -932,14 +1084,36 @@ class Run:
             self.accelerator.print(f"resuming {self.out}: it stopped before its first checkpoint, so it restarts from "
                                    "the top", file=sys.stderr)
 
-    def write_files(self, pipe) -> None:
+    def take_lock(self) -> TextIO | None:
+        """The main process locks OUT (lock_run_dir) and checks again, under the lock, that a new run's OUT is still
+        free (another run may have written it while the models were built); every process stops if it cannot."""
+        lock, refused = None, None
+        if self.is_main:
+            try:
+                lock = lock_run_dir(self.out)
+                if self.new and (self.out / "config.json").exists():
+                    raise UsageError(f"--out-dir {self.out} was taken by another run while the models were built; "
+                                     "choose another directory")
+            except UsageError as error:
+                refused = error
+        failed = self.accelerator.reduce(torch.tensor([float(refused is not None)], device=self.accelerator.device),
+                                         reduction="sum").item() if self.accelerator.num_processes > 1 else bool(refused)
+        if refused is not None:
+            raise refused
+        if failed:
+            raise UsageError(f"--out-dir {self.out}: the main process could not take the run directory (see its "
+                             "message)")
+        return lock
+
+    def write_files(self) -> str | None:
         args = self.args
         if args.resume and self.new:
             print(f"--resume: {self.out} holds no run yet; starting it", file=sys.stderr)
-        write_run_files(args, self.out, self.new)
+        run_id = write_run_files(args, self.out, self.new)
         processes = self.accelerator.num_processes
         print(f"effective batch: {args.batch_size} per process x {processes} processes x {args.grad_accum} "
               f"accumulation = {args.batch_size * processes * args.grad_accum}")
+        return run_id
 
     @property
     def generator(self) -> torch.Generator:
@@ -952,16 +1126,29 @@ class Run:
         failed write says how to resume; at the end, where every output went."""
         try:
             if self.is_main:
-                keep_lines(self.out / "metrics.jsonl", self.progress.lines)
+                self.recover_log()
             start_trackers(self.accelerator, self.args, self.out, first_step=self.progress.lines + 1)
             log = open(self.out / "metrics.jsonl", "a") if self.is_main else contextlib.nullcontext()
             with log as self.progress.log:
                 yield
         except WriteFailed as error:
             raise WriteFailed(f"{error}; {resume_hint(self.progress)}") from None
+        finally:
+            if self.lock is not None:
+                self.lock.close()  # releases OUT's flock (the OS would at exit; tests run several runs in one process)
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         self.accelerator.print(where_outputs_went(self.args, self.out))
+
+    def recover_log(self) -> None:
+        """metrics.jsonl cut back to the checkpoint's lines; if fewer survive (a damaged or deleted log), one line
+        says what is lost, and the log goes on from what is there: training itself is intact in the checkpoint."""
+        path, counted = self.out / "metrics.jsonl", self.progress.lines
+        kept = keep_lines(path, counted)
+        if kept < counted:
+            print(f"warning: {path} holds {kept} of the {counted} lines the checkpoint counts (damaged or deleted); "
+                  f"the metrics of steps {kept + 1}-{counted} are lost, the training state is intact", file=sys.stderr)
+            self.progress.lines = kept
 
     def tasks(self) -> list[tuple[int, str]]:
         """(task, reward name) from the checkpoint's task on: earlier tasks are done (their outputs were written before
@@ -976,6 +1163,8 @@ class Run:
         first = 0
         if self.checkpoint is not None and self.checkpoint["task"] == task and self.checkpoint["step"] > 0:
             first, teacher = resume_task(self.checkpoint, params, optimizer)
+        else:
+            self.progress.taken = self.progress.skipped = 0
         self.teacher = teacher
         return first, teacher
 
@@ -987,6 +1176,17 @@ class Run:
         for self.step in self.bar:
             self.started = time.perf_counter()
             yield self.step
+        self.check_learned()
+
+    def check_learned(self) -> None:
+        """A task whose steps were mostly skipped (non-finite loss or gradient each time, yet never --max-bad-steps in
+        a row) learned nothing worth saving: it stops as a diverged run does, before its LoRA is written."""
+        progress = self.progress
+        if progress.skipped > progress.taken:
+            raise TrainingStopped(f"task {self.task} ({self.name}): {progress.skipped} of its "
+                                  f"{progress.skipped + progress.taken} steps had a non-finite loss or gradient and were "
+                                  "skipped, so it learned next to nothing; stopped without saving it (lower --lr, "
+                                  "--reward-scale or --guidance-scale)")
 
     def after_step(self, metrics: dict) -> None:
         """After each optimizer step: the bad-step streak, the metrics line (metrics.jsonl and the trackers), the
@@ -1015,8 +1215,10 @@ class Run:
         """A skipped step (non-finite loss or gradient) extends the streak and is warned about; a taken one ends it."""
         if not metrics["skipped"]:
             self.progress.bad_streak = 0
+            self.progress.taken += 1
             return
         self.progress.bad_streak += 1
+        self.progress.skipped += 1
         if self.is_main:
             tqdm.write(f"warning: task {self.task} step {self.step}: loss {metrics['loss']}, gradient norm "
                        f"{metrics['grad_norm']}; update skipped ({self.progress.bad_streak} in a row)", file=sys.stderr)
@@ -1043,7 +1245,7 @@ class Run:
         titles = figures.model_titles(reward_names(args))
         grid = figures.image_grid(images, [titles[0], titles[task]], [f"{p}\nseed {args.seed}" for p in prompts])
         with atomic_dir(out / f"task{task}_{self.name}") as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=lora)
+            write_lora(tmp, lora)
             grid.save(tmp / "samples.png")
         curves = figures.training_curves(figures.read_metrics(out / "metrics.jsonl"), args.grad_clip)
         atomic_write(out / "training_curves.png", lambda f: curves.savefig(f, format="png"))

@@ -233,8 +233,8 @@ def openai_vit_l14(tiny: bool) -> nn.Module:
     if tiny:
         return clip_tower(TOWER_CONFIGS["clip"], TOY_TOWER, pretrained=toy_file(OPENAI_TOWER))
     with fetching("OpenAI CLIP ViT-L/14 (open_clip ViT-L-14-quickgelu, pretrained='openai')",
-                  "pre-download it with `hf download timm/vit_large_patch14_clip_224.openai` on a machine with network "
-                  "access", errors=(OSError, RuntimeError)):  # open_clip re-raises download errors as RuntimeError
+                  "pre-download it with `hf download timm/vit_large_patch14_clip_224.openai open_clip_model.safetensors` "
+                  "on a machine with network access", errors=(OSError, RuntimeError)):  # open_clip re-raises download errors as RuntimeError
         return clip_tower(TOWER_CONFIGS["clip"], pretrained="openai")
 
 

@@ -128,7 +128,6 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from diffusers.utils import convert_state_dict_to_diffusers  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from torch.func import functional_call  # noqa: E402
@@ -146,20 +145,30 @@ from rewards import load_reward  # noqa: E402
 # rewards run in IEEE fp32: L_out measures a student-teacher difference far below one bf16 ulp (~4e-3 at |eps| ~ 1),
 # which bf16 (or TF32's 10-bit mantissa) would replace by rounding noise.
 
+@contextlib.contextmanager
 def low_precision(args: Args, device: torch.device):
-    """--mixed-precision's autocast, for the fp32 UNet's calls without gradients; a no-op with --mixed-precision no."""
+    """For the fp32 UNet's calls without gradients: --mixed-precision's autocast, or with --mixed-precision no, fp32
+    with TF32 matmuls and convolutions (on a GPU that has them; PyTorch's default is TF32 for convolutions only):
+    these steps carry no distillation signal, and TF32 runs the 45 % of a UNet call's FLOPs that are matmuls at
+    tensor-core rate."""
     dtype = WEIGHT_DTYPES[args.mixed_precision]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with backend_flags(tf32_flags(True)), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        yield
+
+
+def tf32_flags(enabled: bool) -> list[tuple[object, str, object]]:
+    """(object, attribute, value) that turn TF32 on or off in cuBLAS matmuls and cuDNN convolutions: torch >= 2.9's
+    fp32_precision API, or the allow_tf32 flags of torch 2.6-2.8, where setting fp32_precision raises
+    AttributeError."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+        precision = "tf32" if enabled else "ieee"
+        return [(matmul, "fp32_precision", precision), (cudnn.conv, "fp32_precision", precision)]
+    return [(matmul, "allow_tf32", enabled), (cudnn, "allow_tf32", enabled)]
 
 
 def ieee_flags() -> list[tuple[object, str, object]]:
-    """(object, attribute, value) that turn TF32 off in cuBLAS matmuls and cuDNN convolutions (PyTorch lets cuDNN
-    convolutions use TF32 by default): torch >= 2.9's fp32_precision API, or the allow_tf32 flags of torch 2.6-2.8,
-    where setting fp32_precision raises AttributeError."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
-        return [(matmul, "fp32_precision", "ieee"), (cudnn.conv, "fp32_precision", "ieee")]
-    return [(matmul, "allow_tf32", False), (cudnn, "allow_tf32", False)]
+    return tf32_flags(False)
 
 
 @contextlib.contextmanager
@@ -379,11 +388,10 @@ def ema_update(teacher: dict[str, torch.Tensor], student: dict[str, torch.nn.Par
 
 
 def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """All adapters as one diffusers-format LoRA. sum_i B_i A_i = [B_1 .. B_n] [A_1; ..; A_n], so stacking A along
+    """All adapters as one LoRA (PEFT's key names). sum_i B_i A_i = [B_1 .. B_n] [A_1; ..; A_n], so stacking A along
     the rank axis and B along its input axis gives one LoRA of rank sum r_i (scale 1, since every alpha = r)."""
     states = [get_peft_model_state_dict(unet, adapter_name=name) for name in unet.peft_config]
-    stacked = {key: torch.cat([s[key] for s in states], dim=0 if ".lora_A." in key else 1) for key in states[0]}
-    return convert_state_dict_to_diffusers(stacked)
+    return {key: torch.cat([s[key] for s in states], dim=0 if ".lora_A." in key else 1) for key in states[0]}
 
 
 def adapter_name(args: Args, task: int) -> str:
