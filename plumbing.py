@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import shlex
 import shutil
 import signal
@@ -29,8 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+import diffusers
 import numpy
 import open_clip
+import transformers
 import psutil
 import torch
 from accelerate import Accelerator
@@ -215,8 +216,9 @@ def check_writable(out: Path) -> None:
 def check_name_lengths(path: Path, option: str) -> None:
     """Every component of `path`, and the longest name a run writes inside it, fit the file system's name limit
     (usually 255 bytes): otherwise the first write fails with ENAMETOOLONG deep inside a library."""
-    existing = next(p for p in [path.absolute(), *path.absolute().parents] if p.exists())
-    limit = os.pathconf(existing, "PC_NAME_MAX")
+    parents = path.absolute().parents  # the path itself cannot be stat'ed if one of its names is too long
+    limit = os.pathconf(next(p for p in parents if all(len(os.fsencode(q)) < 256 for q in p.parts) and p.exists()),
+                        "PC_NAME_MAX")
     for part in path.parts:
         if len(os.fsencode(part)) + len(".tmp") > limit:
             raise UsageError(f"{option} {str(path)[:60]}...: the name {part[:20]}... is {len(os.fsencode(part))} "
@@ -230,12 +232,12 @@ def check_out_dir(args) -> bool:
     if not args.out_dir.strip():
         raise UsageError("--out-dir is empty; give a directory path, e.g. runs/rid")
     out = Path(args.out_dir)
+    check_name_lengths(out, "--out-dir")
     if out.is_symlink() and not out.exists():
         raise UsageError(f"--out-dir {out} is a symbolic link to {os.readlink(out)}, which does not exist; create its "
                          "target or give another path")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} is a file; give a directory path")
-    check_name_lengths(out, "--out-dir")
     check_writable(out)
     outputs = run_outputs(out) if out.is_dir() else []
     if "config.json" in outputs:
@@ -377,6 +379,8 @@ def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
     if args.random_weights:
         pipe = random_pipeline(SD15_ARCHITECTURE)  # fp32: the same weights in every precision
     else:
+        diffusers.utils.logging.disable_progress_bar()  # the libraries' loading bars: a run shows its own progress
+        transformers.utils.logging.disable_progress_bar()
         with fetching(f"--model {args.model}", f"pre-download it on a machine with network access with "
                       f"`{pipeline_download(args.model)}`, or pass a local diffusers directory with --model PATH"):
             pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32, safety_checker=None,
@@ -791,7 +795,7 @@ def load_checkpoint(out: Path) -> dict | None:
         raise UsageError(f"--resume: {path} is empty (0 bytes); delete it to restart the run from its beginning")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, UnicodeDecodeError) as error:
+    except Exception as error:  # noqa: BLE001 (unpickling arbitrary bytes can raise nearly anything)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise UsageError(f"--resume: {path} cannot be read as a torch checkpoint ({reason}); delete it to restart the "
                          "run from its beginning") from None
