@@ -1,11 +1,13 @@
 """Tests that the method works, on tiny models built from code (CPU, offline)."""
 import contextlib
 import dataclasses
+import fnmatch
 import io
 import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -28,6 +30,7 @@ from peft import get_peft_model_state_dict
 from PIL import Image, ImageFont
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import CLIPImageProcessor
 
 import benchmark
 import cli
@@ -416,7 +419,7 @@ def test_run_writes_its_outputs(run):
 @pytest.mark.slow
 def test_saved_loras_reproduce_the_trained_model_and_the_rewards_rise(run):
     args, trained, out = run
-    base = StableDiffusionPipeline.from_pretrained(args.model)
+    base = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
     latents = rid.initial_latents(base, len(EVAL_PROMPTS), args.resolution, torch.Generator().manual_seed(99))
     aesthetic, hps = (load_reward(name, "cpu", tiny=True) for name in ("aesthetic", "hps"))
     score = {"base": diffusers_images(base, args, latents)}
@@ -1451,3 +1454,328 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert "peak MiB, checkpointing off" in tables and "T=2" in tables
     assert benchmark.cli(["--tiny", "--ks", "1,x"]) == 2
     assert "--ks must be comma-separated integers" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the toy world (issue 17)
+
+def test_the_toy_world_draws_what_its_captions_say():
+    """Pictures and captions agree: every caption parses back to the attributes drawn, no held-out combination is
+    ever drawn for training, corners show the background colour and the shape's centre its colour, each shape covers
+    its area, and the same seed draws the same pictures."""
+    world = toyworld.sample_world(300, torch.Generator().manual_seed(0))
+    colours, palette = list(toyworld.COLOURS), torch.tensor(list(toyworld.COLOURS.values()), dtype=torch.float32)
+    for i, text in enumerate(world["captions"]):
+        combo = toyworld.parse_caption(text)
+        assert combo == (toyworld.SHAPES[world["shape"][i]], colours[world["colour"][i]],
+                         colours[world["background"][i]]) and combo in toyworld.SEEN
+        x, y = world["centre"][i].long().tolist()
+        torch.testing.assert_close(world["images"][i, :, 0, 0], palette[world["background"][i]])
+        torch.testing.assert_close(world["images"][i, :, y, x], palette[world["colour"][i]])
+    areas = {"circle": math.pi, "square": 1.8 ** 2, "triangle": 1.15 ** 2 * 2}  # in units of r^2
+    masks = toyworld.shape_masks(world["shape"], world["centre"], world["radius"]).sum((1, 2))
+    expected = torch.tensor([areas[toyworld.SHAPES[s]] for s in world["shape"]]) * world["radius"] ** 2
+    assert ((masks - expected).abs() / expected).max() < 0.05
+    assert torch.equal(toyworld.sample_world(8, torch.Generator().manual_seed(3))["images"],
+                       toyworld.sample_world(8, torch.Generator().manual_seed(3))["images"])
+    # Composition, not vocabulary: each held-out combination's shape, colour and background are all seen elsewhere.
+    assert len(toyworld.COMBINATIONS) == 3 * 6 * 5 and set(toyworld.HELD_OUT) <= set(toyworld.COMBINATIONS)
+    for shape, colour, background in toyworld.HELD_OUT:
+        assert any(s == shape for s, _, _ in toyworld.SEEN) and any(c == colour for _, c, _ in toyworld.SEEN)
+        assert any(b == background for _, _, b in toyworld.SEEN)
+    assert {c for _, c, _ in toyworld.SEEN} == {b for _, _, b in toyworld.SEEN} == set(colours)
+    assert toyworld.parse_caption("a photo of a cat") is None and toyworld.split_of("a photo of a cat") is None
+
+
+def test_the_committed_toy_models_load_through_the_real_loaders_and_mean_something():
+    """toy/ read by the loaders of the real checkpoints (diffusers' from_pretrained, open_clip's checkpoint loader,
+    the aesthetic predictor's and HPSv2's loaders), and each model does its job on fresh pictures of every
+    combination: the aesthetic head predicts the procedural score, the towers match pictures to their captions, the
+    judge reads all three attributes."""
+    pipe = rid.load_pipeline(tiny_args(), torch.device("cpu"))
+    assert pipe.unet.dtype == pipe.vae.dtype == torch.float32 and pipe.unet.config.layers_per_block == 1
+    world = toyworld.sample_world(180, torch.Generator().manual_seed(11), toyworld.COMBINATIONS)
+    with torch.no_grad():
+        aesthetic = load_reward("aesthetic", "cpu", tiny=True)
+        saved = load_file(rewards.TOY_DIR / rewards.OPENAI_TOWER)
+        assert torch.equal(aesthetic.clip.state_dict()["visual.conv1.weight"], saved["visual.conv1.weight"].float())
+        predicted = aesthetic(world["images"], world["captions"])
+        assert torch.corrcoef(torch.stack([predicted, world["aesthetic"]]))[0, 1] > 0.9
+        captions = toyworld.world_prompts(toyworld.COMBINATIONS)
+        truth = torch.tensor([captions.index(c) for c in world["captions"]])
+        for name in ("clip", "hps"):
+            scorer = load_reward(name, "cpu", tiny=True)
+            image_features = rewards.encode_image(scorer.clip, world["images"], scorer.preprocess)
+            best = (image_features @ scorer.text_features(captions, "cpu").T).argmax(1)
+            assert (best == truth).float().mean() > 0.8, name
+    accuracy = toyworld.judge_accuracy(toyworld.load_judge(rewards.TOY_DIR / toyworld.JUDGE), 256,
+                                       torch.Generator().manual_seed(12))
+    assert all(value > 0.97 for split in accuracy.values() for value in split.values()), accuracy
+
+
+@pytest.mark.slow
+def test_the_base_toy_model_draws_its_prompts():
+    """The targets of the toy world, on a small batch with rid.py's own tiny sampler (T=10, the tiny CFG scale): the
+    judge sees each asked attribute in >= 90 % of the pictures and all three in >= 75 % for seen combinations, all
+    three in >= 50 % for held-out ones."""
+    pipe = rid.load_pipeline(tiny_args(), torch.device("cpu"))
+    judge = toyworld.load_judge(rewards.TOY_DIR / toyworld.JUDGE)
+    result = toyworld.fidelity(pipe, judge, rid.MODE_DEFAULTS["tiny"]["guidance_scale"], 40, seed=5)
+    seen, held_out = result["seen"], result["held_out"]
+    assert min(seen["shape"], seen["colour"], seen["background"]) >= 0.9 and seen["all"] >= 0.75, result
+    assert held_out["all"] >= 0.5, result
+
+
+@pytest.mark.slow
+def test_pretraining_runs_end_to_end_and_writes_what_the_real_loaders_read(tmp_path, monkeypatch):
+    """toyworld.py's one command at a few steps: both halves in their own processes, then the fidelity check; every
+    file it writes is read back by rid.py's and rewards.py's loaders."""
+    args = toyworld.PretrainArgs(out=str(tmp_path), vae_steps=2, unet_steps=2, tower_steps=2, judge_steps=2, bank=256,
+                                 eval_every=1, guidance_scales="2,3", fidelity_prompts=4)
+    report = toyworld.pretrain(args)
+    assert set(report["fidelity"]) == {"2.0", "3.0"} and report["guidance_scale"] in (2.0, 3.0)
+    assert json.loads((tmp_path / toyworld.REPORT).read_text())["args"]["unet_steps"] == 2
+    monkeypatch.setattr(rewards, "TOY_DIR", tmp_path)
+    rewards.openai_vit_l14.cache_clear()
+    try:
+        images = torch.rand(2, 3, 32, 32)
+        for name in rewards.REWARDS:
+            assert torch.isfinite(load_reward(name, "cpu", tiny=True)(images, EVAL_PROMPTS[:2])).all()
+    finally:
+        rewards.openai_vit_l14.cache_clear()
+    pipe = rid.load_pipeline(tiny_args(model=str(tmp_path / toyworld.PIPELINE)), torch.device("cpu"))
+    assert pipe.tokenizer.model_max_length == toyworld.TOKENS and pipe.vae.config.scaling_factor > 0
+
+
+# ---------------------------------------------------------------------------------------------- distillation (issue 19)
+
+def test_distillation_gradient_is_the_gradient_of_a_regression_at_the_visited_states(monkeypatch):
+    """With K = 3 the inputs of gradient steps 2 and 3 depend on theta. The stated objective (rid.distil) is a
+    regression at the states the sampler visits, taken as data: L(theta) = mean_k L_out(theta; x_k) + L_feat(theta;
+    x_k) with x_k fixed. Its gradient, by central differences in float64, equals the autograd gradient."""
+    args, pipe, params, prompts, latents = tiny_setup(steps=4, dtype=torch.float64, lambda_feat=1.0)
+    with seeded(2):
+        teacher = {n: p.detach() + 1e-2 * torch.randn_like(p) for n, p in params.items()}
+    visited, unet_eps = [], rid.unet_eps
+
+    def spy(unet, x, t, emb, layers=(), params=None):
+        if params is not None:
+            visited.append((x.detach().clone(), t))
+        return unet_eps(unet, x, t, emb, layers, params)
+    monkeypatch.setattr(rid, "unet_eps", spy)
+    emb = rid.encode_prompts(pipe, prompts)
+    _, terms = rid.sample_latents(pipe, latents, emb, args, 3, teacher)
+    assert len(visited) == 3
+    with seeded(3):
+        direction = {n: torch.randn_like(p) for n, p in params.items()}
+    gradient = grads(params, terms["loss_out"] + terms["loss_feat"])
+    analytic = sum((g * direction[n]).sum() for n, g in zip(params, gradient))
+    layers = args.feat_layers.split(",")
+
+    def objective_at(h):
+        with torch.no_grad():
+            for n, p in params.items():
+                p.add_(h * direction[n])
+            losses = [rid.distillation_losses(*unet_eps(pipe.unet, x, t, emb, layers),
+                                              *unet_eps(pipe.unet, x, t, emb, layers, params=teacher), layers)
+                      for x, t in visited]
+            for n, p in params.items():
+                p.sub_(h * direction[n])
+        return sum(loss["loss_out"] + loss["loss_feat"] for loss in losses) / len(losses)
+
+    h = 1e-5
+    numeric = (objective_at(h) - objective_at(-h)) / (2 * h)
+    assert analytic.abs() > 1e-10
+    torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=0)
+
+
+def test_trajectory_distillation_compares_the_teacher_once_at_the_drawn_step(monkeypatch):
+    """--distill-at trajectory: one teacher call per batch, at the drawn step of the whole chain, on its detached
+    state, and no teacher at the gradient steps; the student's call there carries the gradient."""
+    args, pipe, params, prompts, latents = tiny_setup(steps=5, distill_at="trajectory")
+    teacher = {n: p.detach() + 0.05 for n, p in params.items()}
+    calls, unet_eps = [], rid.unet_eps
+
+    def spy(unet, x, t, emb, layers=(), params=None):
+        calls.append((int(t), params is not None, x.requires_grad))
+        return unet_eps(unet, x, t, emb, layers, params)
+    monkeypatch.setattr(rid, "unet_eps", spy)
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+    for step in (1, 4):  # in the no-grad chain, and at the (last) gradient step
+        calls.clear()
+        _, terms = rid.sample_latents(pipe, latents, rid.encode_prompts(pipe, prompts), args, 1, teacher,
+                                      distill_step=step)
+        teacher_calls = [c for c in calls if c[1]]
+        assert teacher_calls == [(timesteps[step], True, False)], calls
+        assert terms["loss_out"] > 0 and any(g.abs().sum() > 0 for g in grads(params, terms["loss_out"]))
+    steps = {rid.draw_distill_step(pipe, args, torch.Generator().manual_seed(s)) for s in range(40)}
+    assert steps == set(range(5))  # drawn over the whole chain
+    assert rid.draw_distill_step(pipe, dataclasses.replace(args, distill_at="gradient-steps"), None) is None
+
+
+def test_feature_distillation_is_scale_free_and_logged_per_layer():
+    """Each layer's MSE is divided by the teacher's activation variance: scaling one layer's activations by 100
+    changes nothing, and every layer's term is returned (and so logged in metrics.jsonl)."""
+    g = torch.Generator().manual_seed(0)
+    eps, eps_t = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    feats = [torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 16, 2, 2, generator=g)]
+    feats_t = [f + 0.1 * torch.randn(f.shape, generator=g) for f in feats]
+    terms = rid.distillation_losses(eps, feats, eps_t, feats_t, ["a", "b"])
+    scaled = rid.distillation_losses(eps, [feats[0], 100 * feats[1]], eps_t, [feats_t[0], 100 * feats_t[1]], ["a", "b"])
+    assert set(terms) == {"loss_out", "loss_feat", "loss_feat/a", "loss_feat/b"}
+    for name in terms:
+        torch.testing.assert_close(terms[name], scaled[name])
+    torch.testing.assert_close(terms["loss_feat"], (terms["loss_feat/a"] + terms["loss_feat/b"]) / 2)
+    args, pipe, params, prompts, _ = tiny_setup(steps=3)
+    teacher = {n: p.detach() + 0.05 for n, p in params.items()}
+    metrics = rid.train_step(pipe, load_reward("compressibility", "cpu"), prompts, teacher, args,
+                             torch.Generator().manual_seed(0))
+    assert {f"loss_feat/{layer}" for layer in args.feat_layers.split(",")} <= set(metrics)
+
+
+def test_clora_penalises_the_new_adapter_where_earlier_adapters_changed_the_weights():
+    """C-LoRA's penalty sum_l || |B_1 A_1| * (B_2 A_2) ||^2 over the LoRA layers, its gradient only on the new
+    adapter, and nothing to penalise for a first adapter or where the earlier one left the weights alone."""
+    args, pipe, params = two_task_setup(torch.float64)
+    unet = pipe.unet
+    deltas = rid.past_deltas(unet, "task2")
+    penalty = rid.clora_penalty(unet, "task2", deltas)
+    layers = [m for m in unet.modules() if isinstance(m, rid.BaseTunerLayer)]
+    expected = sum(((m.lora_B["task1"].weight @ m.lora_A["task1"].weight).abs()
+                    * (m.lora_B["task2"].weight @ m.lora_A["task2"].weight)).pow(2).sum() for m in layers)
+    torch.testing.assert_close(penalty, expected)
+    assert penalty > 0 and len(deltas) == len(layers)
+    gradient = grads(params, penalty)
+    assert all(g is not None for g in gradient) and sum(g.abs().sum() for g in gradient) > 0
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if ".task1." in n)
+    with torch.no_grad():
+        for m in layers:
+            m.lora_B["task1"].weight.zero_()
+    assert rid.clora_penalty(unet, "task2", rid.past_deltas(unet, "task2")) == 0
+    assert rid.past_deltas(unet, "task1") != {} and rid.clora_penalty(unet, "task1", {}) == 0
+
+
+# ---------------------------------------------------------------------------------------------- full scale, round 2 (issue 19)
+
+def test_full_precision_falls_back_to_allow_tf32_on_torch_2_6_to_2_8(monkeypatch):
+    """torch 2.6-2.8 have no fp32_precision (setting it raises AttributeError: Unknown attribute); their allow_tf32
+    flags are turned off inside full_precision and restored after it. On this torch, the new API is used."""
+    class Backend:
+        def __init__(self, **flags):
+            object.__setattr__(self, "flags", dict(flags))
+
+        def __getattr__(self, name):
+            if name not in self.flags:
+                raise AttributeError(f"Unknown attribute {name}")
+            return self.flags[name]
+
+        def __setattr__(self, name, value):
+            if name not in self.flags:
+                raise AttributeError(f"Unknown attribute {name}")
+            self.flags[name] = value
+    with rid.full_precision(torch.device("cpu")):
+        assert torch.backends.cuda.matmul.fp32_precision == torch.backends.cudnn.conv.fp32_precision == "ieee"
+    old_cuda, old_cudnn = SimpleNamespace(matmul=Backend(allow_tf32=True)), Backend(allow_tf32=True)
+    monkeypatch.setattr(torch.backends, "cuda", old_cuda)
+    monkeypatch.setattr(torch.backends, "cudnn", old_cudnn)
+    with rid.full_precision(torch.device("cpu")):
+        assert old_cuda.matmul.allow_tf32 is False and old_cudnn.allow_tf32 is False
+    assert old_cuda.matmul.allow_tf32 is True and old_cudnn.allow_tf32 is True
+    with rid.low_precision(tiny_args(), torch.device("cpu")):
+        assert old_cuda.matmul.allow_tf32 is True
+
+
+def test_the_decode_is_checkpointed_one_image_at_a_time_and_recomputed_at_the_forwards_precision(monkeypatch):
+    """decode_with_grad: one activation checkpoint per image (so one image's decoder activations are alive at once),
+    the gradient of decoding the batch at once, and the recompute (in the backward, inside full_precision) under the
+    precision flags of the forward."""
+    args, pipe, _, _, _ = tiny_setup(steps=2)
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    weights = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    calls, flags, checkpoint, decode = [], [], rid.checkpoint, rid.decode
+    monkeypatch.setattr(rid, "checkpoint", lambda *a, **kw: calls.append(None) or checkpoint(*a, **kw))
+    monkeypatch.setattr(rid, "decode", lambda vae, x: flags.append(torch.backends.cudnn.conv.fp32_precision)
+                        or decode(vae, x))
+    with rid.backend_flags(rid.tf32_flags(True)):
+        images = rid.decode_with_grad(pipe.vae, z, checkpointing=True)
+    with rid.full_precision(torch.device("cpu")):
+        (per_image,) = torch.autograd.grad((images * weights).sum(), z)
+    assert len(calls) == 3 and flags == ["tf32"] * 6  # 3 forwards, 3 recomputes, all at the forward's flags
+    (whole,) = torch.autograd.grad((decode(pipe.vae, z) * weights).sum(), z)
+    torch.testing.assert_close(per_image, whole)
+
+
+def test_only_the_current_tasks_scorer_is_on_the_training_device(tmp_path, monkeypatch):
+    """The meta device stands in for a GPU: scorer_on gives a copy there and leaves the scorer on the CPU; rid.main
+    builds every scorer on the CPU and hands each task its own, through scorer_on."""
+    scorers = {name: load_reward(name, "cpu", tiny=True) for name in ("aesthetic", "hps")}
+    with rid.scorer_on(scorers["hps"], torch.device("meta")) as on_device:
+        assert all(p.device.type == "meta" for p in on_device.parameters())
+        assert all(p.device.type == "cpu" for scorer in scorers.values() for p in scorer.parameters())
+    with rid.scorer_on(scorers["hps"], torch.device("cpu")) as same:
+        assert same is scorers["hps"]
+    loaded, moved, trained, scorer_on = [], [], [], rid.scorer_on
+    monkeypatch.setattr(rid, "load_reward", lambda name, device, tiny: loaded.append(str(device)) or
+                        load_reward(name, device, tiny))
+    monkeypatch.setattr(rid, "scorer_on", lambda scorer, device: moved.append(type(scorer).__name__) or
+                        scorer_on(scorer, device))
+    train_task = rid.train_task
+    monkeypatch.setattr(rid, "train_task", lambda pipe, scorer, *a: trained.append(type(scorer).__name__) or
+                        train_task(pipe, scorer, *a))
+    rid.main(tiny_args(SMALL, rewards="aesthetic,hps", out_dir=str(tmp_path)))
+    assert loaded == ["cpu", "cpu"] and moved == trained == ["Aesthetic", "TextImageCosine"]
+
+
+def test_each_task_also_writes_a_kohya_lora_that_diffusers_reads_as_the_same_model(tmp_path):
+    args, pipe, _ = two_task_setup(torch.float32)
+    plumbing.write_lora(tmp_path, rid.lora_state_dict(pipe.unet))
+    kohya = load_file(tmp_path / plumbing.KOHYA_FILE)
+    assert all(key.startswith("lora_unet_") for key in kohya)
+    alphas = [key for key in kohya if key.endswith(".alpha")]
+    assert alphas and all(kohya[key].item() == 8 for key in alphas)  # two stacked rank-4 adapters: alpha = rank
+    base = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32)
+    base.set_progress_bar_config(disable=True)
+    latents = rid.initial_latents(base, 2, 16, torch.Generator().manual_seed(0))
+    images = []
+    for name in (plumbing.LORA_FILE, plumbing.KOHYA_FILE):
+        base.load_lora_weights(tmp_path, weight_name=name)
+        images.append(base(EVAL_PROMPTS[:2], latents=latents, num_inference_steps=3, output_type="pt").images)
+        base.unload_lora_weights()
+    plain = base(EVAL_PROMPTS[:2], latents=latents, num_inference_steps=3, output_type="pt").images
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-6)
+    assert (images[0] - plain).abs().max() > 1e-3  # the LoRA changes the images, so the comparison means something
+
+
+def test_the_offline_hint_fetches_only_what_the_pipeline_reads(tmp_path):
+    """The printed command names PIPELINE_FILES, and those files alone load: a repo laid out as SD1.5's (a feature
+    extractor, fp16 and .bin variants, a single-file checkpoint, the safety checker) filtered to them."""
+    hint = plumbing.pipeline_download("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert hint.startswith("hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include model_index.json")
+    words = shlex.split(hint)
+    assert [words[i + 1] for i, word in enumerate(words) if word == "--include"] == list(plumbing.PIPELINE_FILES)
+    pipe = StableDiffusionPipeline.from_pretrained(rid.TOY_MODEL)
+    pipe.register_modules(feature_extractor=CLIPImageProcessor())
+    repo = tmp_path / "repo"
+    pipe.save_pretrained(repo)
+    for extra in ("v1-5-pruned.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
+                  "unet/diffusion_pytorch_model.bin", "text_encoder/model.fp16.safetensors", "safety_checker/config.json"):
+        (repo / extra).parent.mkdir(exist_ok=True)
+        (repo / extra).write_bytes(b"not needed")
+    files = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
+    wanted = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in plumbing.PIPELINE_FILES)]
+    assert not any(f.endswith(("not needed", ".bin", "fp16.safetensors", "pruned.safetensors")) for f in wanted)
+    for f in wanted:
+        (tmp_path / "fetched" / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(repo / f, tmp_path / "fetched" / f)
+    loaded = rid.load_pipeline(tiny_args(model=str(tmp_path / "fetched")), torch.device("cpu"))
+    assert loaded.feature_extractor is not None
+    assert all(torch.equal(a, b.float()) for a, b in zip(loaded.unet.state_dict().values(),
+                                                         pipe.unet.state_dict().values()))
+
+
+def test_benchmark_measures_memory_before_the_timings_hold_gpu_memory(monkeypatch):
+    order = []
+    monkeypatch.setattr(benchmark, "peak_memories", lambda opts, ks: order.append("memory") or {})
+    monkeypatch.setattr(benchmark, "step_times", lambda opts, ks, device: order.append("times") or {})
+    monkeypatch.setattr(benchmark, "benchmark_tables", lambda result: "")
+    benchmark.benchmark(benchmark.parse_args(["--tiny", "--ks", "1"]))
+    assert order == ["memory", "times"]

@@ -234,7 +234,9 @@ class PretrainArgs:
     judge_steps: int = option(1200, "judge steps (batch 128)")
     bank: int = option(65536, "pictures encoded once by the trained VAE for the UNet's training")
     eval_every: int = option(1000, "UNet steps between fidelity checks of the base model (judge, T=10)")
-    guidance_scales: str = option("2,3,5,7.5", "CFG scales tried at the end; the best one is the tiny default")
+    guidance_scales: str = option("2,3,5,7.5", "CFG scales tried at the end (the best one becomes rid.py's tiny "
+                                  "default)")
+    fidelity_prompts: int = option(240, "prompts per split (seen, held-out) of the final fidelity check")
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -535,7 +537,7 @@ def pretrain(args: PretrainArgs) -> dict:
     pipe = load_toy_pipeline(out / PIPELINE)
     judge = load_judge(out / JUDGE)
     scales = [float(w) for w in args.guidance_scales.split(",")]
-    report["fidelity"] = {str(w): fidelity(pipe, judge, w, 240) for w in scales}
+    report["fidelity"] = {str(w): fidelity(pipe, judge, w, args.fidelity_prompts) for w in scales}
     report["guidance_scale"] = max(scales, key=lambda w: report["fidelity"][str(w)]["seen"]["all"])
     report.update(seconds=time.perf_counter() - started, args=dataclasses.asdict(args),
                   command="python toyworld.py " + " ".join(sys.argv[1:]), torch=torch.__version__)
