@@ -11,6 +11,7 @@ busy machine slows all of them alike; medians over --repeats rounds after one wa
 import contextlib
 import gc
 import json
+import logging
 import multiprocessing
 import os
 import statistics
@@ -42,6 +43,9 @@ class BenchmarkArgs:
     repeats: int = field(default=3, metadata={"help": "timed rounds (the median is reported)"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
     json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})
+    flops: bool = field(default=False, metadata={
+        "help": "count the FLOPs of one step's parts instead (torch's FlopCounterMode on the meta device: no "
+                "weights, no time) and where each runs under rid.py's precision policy"})
 
 
 def parse_args(argv: list[str]) -> BenchmarkArgs:
@@ -56,6 +60,7 @@ def parse_args(argv: list[str]) -> BenchmarkArgs:
 if __name__ == "__main__":
     command_line.parse_or_exit("benchmark.py", parse_args, sys.argv[1:])
 
+import open_clip  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -298,8 +303,74 @@ def benchmark_tables(result: dict) -> str:
                         f"off / off at K={first}"], memory_rows)])
 
 
+def forward_flops(fn) -> tuple[float, float]:
+    """(convolution, matmul) FLOPs of fn() on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        fn()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    conv = counts.get("aten.convolution", 0)
+    return conv, counter.get_total_flops() - conv
+
+
+def flop_counts(opts: BenchmarkArgs) -> dict:
+    """The FLOPs of one optimizer step at K = the first of --ks, part by part, on the model's architecture built on the
+    meta device, and how many of them rid.py runs in IEEE fp32 (the K gradient steps, the teacher and the backward
+    pass) and how many in TF32 or --mixed-precision's dtype (the T-K steps without gradients, the decode's forward and
+    recompute; its backward too with --mixed-precision bf16/fp16, whose VAE weights are in that dtype). A backward
+    costs about two forwards; a checkpointed call runs its forward twice."""
+    args = bench_args(opts, "rid", int(opts.ks.split(",")[0]))
+    with torch.device("meta"):
+        pipe = rid.load_pipeline(args, torch.device("meta"))
+        logging.disable(logging.WARNING)  # open_clip: "initialized randomly", as intended
+        tower = open_clip.create_model(TOWER_CONFIGS["aesthetic"], output_dict=True, device="meta")
+        logging.disable(logging.NOTSET)
+        scorer = Aesthetic(tower, dim=768)  # the real aesthetic scorer's architecture
+    side, b, t, k = args.resolution // 8, args.batch_size, args.num_steps, args.k
+    meta = dict(device="meta")
+    x = torch.zeros(2 * b, 4, side, side, **meta)
+    text = torch.zeros(2 * b, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, **meta)
+    unet = forward_flops(lambda: pipe.unet(x, torch.tensor(1, **meta), encoder_hidden_states=text))
+    decode = forward_flops(lambda: pipe.vae.decode(torch.zeros(1, 4, side, side, dtype=pipe.vae.dtype, **meta)))
+    images = torch.zeros(b, 3, args.resolution, args.resolution, **meta)
+    reward = forward_flops(lambda: scorer(images, plumbing.DEFAULT_PROMPTS[:b])) if opts.reward == "aesthetic" \
+        else (0.0, 0.0)
+    parts = {  # (conv, matmul) x count, and the precision it runs in
+        "UNet, T-K steps without gradients": (unet, t - k, "TF32 / low dtype"),
+        "UNet, K gradient steps (forward, recompute, backward)": (unet, 4 * k, "IEEE fp32"),
+        "UNet, RID's teacher": (unet, k, "IEEE fp32"),
+        "VAE decode (forward and recompute)": (decode, 2 * b, "TF32 / low dtype"),
+        "VAE decode backward": (decode, 2 * b, "IEEE fp32" if args.mixed_precision == "no" else "low dtype"),
+        "reward (forward and backward)": (reward, 3, "IEEE fp32"),
+    }
+    rows = {name: {"conv_tflop": c * n / 1e12, "matmul_tflop": m * n / 1e12, "precision": precision}
+            for name, ((c, m), n, precision) in parts.items()}
+    return {"resolution": args.resolution, "batch_size": b, "num_steps": t, "k": k, "parts": rows,
+            "unet_forward_tflop": sum(unet) / 1e12, "unet_conv_share": unet[0] / sum(unet),
+            "decode_per_image_tflop": sum(decode) / 1e12}
+
+
+def flop_table(result: dict) -> str:
+    rows = [[name, p["conv_tflop"], p["matmul_tflop"], p["conv_tflop"] + p["matmul_tflop"], p["precision"]]
+            for name, p in result["parts"].items()]
+    total = sum(r[3] for r in rows)
+    ieee = sum(r[3] for r in rows if r[4] == "IEEE fp32")
+    return "\n\n".join([
+        f"{result['resolution']} px, batch {result['batch_size']}, T={result['num_steps']}, K={result['k']}: one UNet "
+        f"forward on the CFG batch {result['unet_forward_tflop']:.3g} TFLOP ({100 * result['unet_conv_share']:.0f} % "
+        f"convolutions), one VAE decode {result['decode_per_image_tflop']:.3g} TFLOP per image",
+        markdown_table(["part of one RID step", "conv TFLOP", "matmul TFLOP", "TFLOP", "runs in"], rows),
+        f"total {total:.4g} TFLOP, of which {ieee:.4g} in IEEE fp32 ({100 * ieee / total:.0f} %)"])
+
+
 def benchmark(opts: BenchmarkArgs) -> dict:
     """Run the benchmark; print its tables (and write --json). Returns every number."""
+    if opts.flops:
+        result = flop_counts(opts)
+        print(flop_table(result))
+        if opts.json:
+            plumbing.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
+        return result
     args = bench_args(opts, "rid", 1)
     t = args.num_steps
     for name in ("resolution", "num_steps", "batch_size"):

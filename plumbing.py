@@ -758,6 +758,7 @@ class Progress:
     bad_streak: int = 0
     taken: int = 0
     skipped: int = 0
+    spread: float = 1.0
     saved_at: str = "none yet"
 
     def log_line(self, line: str) -> None:
@@ -781,7 +782,7 @@ def save_checkpoint(unet, progress: Progress, task: int, step: int, scaler, opti
              "scaler": scaler.state_dict(),
              "generator": progress.generator.get_state(), "torch_rng": torch.get_rng_state(),
              "metric_lines": progress.lines, "bad_streak": progress.bad_streak, "run_id": progress.run_id,
-             "task_steps": (progress.taken, progress.skipped)}
+             "task_steps": (progress.taken, progress.skipped), "reward_spread": progress.spread}
     atomic_write(progress.out / CHECKPOINT, lambda f: torch.save(state, f))
     progress.saved_at = f"task {task}, step {step}"
 
@@ -1160,17 +1161,20 @@ class Run:
         first = self.checkpoint["task"] if self.checkpoint else 1
         return [(task, name) for task, name in enumerate(reward_names(self.args), start=1) if task >= first]
 
-    def start_task(self, task: int, name: str, params, optimizer, teacher):
-        """The first step and the teacher of this task: 0 and `teacher`, unless the checkpoint was taken inside it:
-        then its step and teacher, with its AdamW state loaded into `optimizer`."""
+    def start_task(self, task: int, name: str, params, optimizer, teacher, spread):
+        """The first step, the teacher and the reward's spread of this task: 0, `teacher` and spread(), unless the
+        checkpoint was taken inside it: then its step, teacher and spread, with its AdamW state loaded into
+        `optimizer` (the spread is measured on the model at the task's start, which a resumed task no longer has)."""
         self.task, self.name, self.optimizer = task, name, optimizer
         first = 0
         if self.checkpoint is not None and self.checkpoint["task"] == task and self.checkpoint["step"] > 0:
             first, teacher = resume_task(self.checkpoint, params, optimizer)
+            self.progress.spread = self.checkpoint.get("reward_spread", 1.0)
         else:
             self.progress.taken = self.progress.skipped = 0
+            self.progress.spread = spread()
         self.teacher = teacher
-        return first, teacher
+        return first, teacher, self.progress.spread
 
     def steps(self, first: int):
         """The task's steps from `first` on, under a progress bar; each one timed for its metrics line."""
@@ -1198,7 +1202,7 @@ class Run:
         args, progress, step = self.args, self.progress, self.step
         self.count_bad_step(metrics)
         metrics = {"task": self.task, "reward": self.name, "step": step, "lr": self.optimizer.param_groups[0]["lr"],
-                   **metrics, "seconds": time.perf_counter() - self.started}
+                   "reward_spread": progress.spread, **metrics, "seconds": time.perf_counter() - self.started}
         progress.log_line(json.dumps(metrics))
         self.accelerator.log(tracker_metrics(metrics), step=progress.lines)  # the global step, as in the curves
         self.recent_rewards.append(metrics["reward_mean"])

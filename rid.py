@@ -50,7 +50,10 @@ class Args:
                               "comma-separated")
     ema_decay: float | None = option(None, "teacher EMA decay mu in [0, 1]; horizon ~1/(1-mu) steps; 1 = frozen "
                                      "task-start teacher")
-    reward_scale: float | None = option(None, "s in L_reward = -s * mean r")
+    reward_scale: float | None = option(None, "s in L_reward = -s * mean r / sigma")
+    reward_norm: Literal["task-start-std", "none"] = option(
+        "task-start-std", "sigma in L_reward: the reward's standard deviation over 16 pictures of the model at the "
+        "task's start (so that the distillation weights mean the same for every reward), or 1")
     distill_at: Literal["gradient-steps", "trajectory"] = option(
         "gradient-steps", "where the teacher is compared: at the K gradient steps, or at one step drawn per batch "
         "from the whole DDIM chain (its no-grad state, detached: one more student call with gradients)")
@@ -123,6 +126,7 @@ if __name__ == "__main__":
 
 import contextlib  # noqa: E402  (the heavy imports: after the command line is parsed)
 import copy  # noqa: E402
+import math  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
@@ -528,16 +532,42 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
     gradient is not finite is skipped (see optimizer_update); `run` logs each step, counts the skipped ones, writes
     checkpoints and continues a task from a checkpoint taken inside it (its step, optimizer and teacher)."""
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
-    first, teacher = run.start_task(task, name, params, optimizer, new_teacher(params, args))
+    first, teacher, spread = run.start_task(task, name, params, optimizer, new_teacher(params, args),
+                                            lambda: reward_spread(pipe, scorer, prompts, args, task))
+    task_args = dataclasses.replace(args, reward_scale=args.reward_scale / spread)  # L_reward in units of sigma_n
     adapter = adapter_name(args, task)
     clora = (adapter, past_deltas(pipe.unet, adapter)) if args.clora_weight > 0 else None
     for _ in run.steps(first):
-        micro_batches = [train_step(pipe, scorer, prompts, teacher, args, run.generator, run.accelerator, run.scaler,
-                                    clora) for _ in range(args.grad_accum)]
+        micro_batches = [train_step(pipe, scorer, prompts, teacher, task_args, run.generator, run.accelerator,
+                                    run.scaler, clora) for _ in range(args.grad_accum)]
         average_gradients(params, run.accelerator)
         metrics = step_metrics(micro_batches, run.accelerator)
         metrics.update(optimizer_update(optimizer, params, run.scaler, teacher, args, metrics["loss"]))
         run.after_step(metrics)
+
+
+SPREAD_IMAGES = 16  # pictures that measure a reward's spread at a task's start
+
+
+def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> float:
+    """sigma_n, the unit of L_reward with --reward-norm task-start-std: the standard deviation of reward n over
+    SPREAD_IMAGES pictures of the model as the task starts (prompts and x_T seeded by --seed and the task, the run's
+    own random streams untouched). Rewards differ in scale by orders of magnitude (a CLIP cosine moves by hundredths,
+    compressibility by bits per block); in these units one --lambda-out weighs the same against every reward, and a
+    gain of 1 is eval.py's "1 base std". 1 with --reward-norm none."""
+    if args.reward_norm == "none":
+        return 1.0
+    generator = torch.Generator().manual_seed(args.seed * 1000 + task)
+    chosen = [prompts[i] for i in torch.randint(len(prompts), (SPREAD_IMAGES,), generator=generator)]
+    latents = initial_latents(pipe, SPREAD_IMAGES, args.resolution, generator)
+    rewards = []
+    for start in range(0, SPREAD_IMAGES, args.batch_size):
+        batch = slice(start, start + args.batch_size)
+        images = generate(pipe, chosen[batch], latents[batch], args, torch.Generator().manual_seed(args.seed))
+        with torch.no_grad():
+            rewards.append(score(scorer, images, chosen[batch]))
+    spread = torch.cat(rewards).std().item()
+    return spread if math.isfinite(spread) and spread > 1e-12 else 1.0
 
 
 def samples(pipe, prompts: list[str], args: Args) -> torch.Tensor:

@@ -120,8 +120,10 @@ def test_gradients_flow_only_through_the_last_k_steps():
             x = pipe.scheduler.step(rid.guide(eps, args.guidance_scale), t, x).prev_sample
         return grads(params, -scorer(rid.decode(pipe.vae, x), prompts).mean())
 
+    # float32: the fast path folds the LoRA into the weights for the no-grad steps, which rounds differently from
+    # W x + B (A x); entries near zero differ by up to ~1e-5 of the tensor's largest (measured 3e-6 on the toy model)
     for g, g_ref in zip(truncated, full_backprop(detach_early=True)):
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4 * g_ref.abs().max().item())
     # The early steps would contribute if they were not truncated: the reference can tell the difference.
     difference = sum((g - g_full).abs().sum() for g, g_full in zip(truncated, full_backprop(detach_early=False)))
     assert difference > 1e-3 * sum(g.abs().sum() for g in truncated)
@@ -318,7 +320,8 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 # Measured maximum differences (README, Rewards): preprocessing 0.016 in normalised pixels (about one 8-bit level,
 # 1/255/std = 0.015: PIL rounds its resized image to 8 bits); unit image embeddings 6.4e-4 (0.062 or more with the
-# other preprocessing); scores 1.1e-5 (aesthetic), 2.1e-4 (hps), 5.2e-4 (clip).
+# other preprocessing); scores 1.1e-5 (aesthetic), 2.1e-4 (hps), 5.2e-4 (clip) on random towers; on the toy
+# world's trained towers 7.1e-3 for the aesthetic score of about 8.6 (8e-4 of it).
 PREPROCESS_TOLERANCE, SCORE_TOLERANCE = 0.03, 2e-3
 
 @pytest.mark.parametrize("height, width", [(512, 512), (512, 384), (384, 512), (40, 56)])
@@ -355,7 +358,8 @@ def test_scores_match_the_official_scoring_pipelines():
                 expected = torch.diagonal(out["image_features"] @ out["text_features"].T)
             got = rid.score(scorer, images, prompts)
             embedding, wrong = (rewards.encode_image(clip, images, preprocess) for preprocess in (ours, other))
-        assert (got - expected).abs().max() < SCORE_TOLERANCE, (name, got, expected)
+        # relative to the score's size: the toy aesthetic is on a 0-10 scale, the cosines below 1
+        assert (got - expected).abs().max() < SCORE_TOLERANCE * max(1, expected.abs().max()), (name, got, expected)
         assert (embedding - out["image_features"]).abs().max() < SCORE_TOLERANCE, name
         assert (wrong - out["image_features"]).abs().max() > 10 * SCORE_TOLERANCE, name
 
@@ -780,16 +784,23 @@ EVAL_BAD_INPUTS = {  # "{run}": a complete evaluated run, "{t}": the test's dire
     "binary prompts": (["{run}", "--prompts", "{t}/binary.txt"], "a binary file"),
     "misspelt flag": (["{run}", "--num-promts", "2"], "unknown flag --num-promts; did you mean --num-prompts?"),
     "seeds not integers": (["{run}", "--seeds", "a"], "--seeds must be comma-separated integers"),
+    "device not a device": (["{run}", "--device", "bogus"], "--device 'bogus' is not a torch device"),
+    "device cuda without one": (["{run}", "--device", "cuda"], "--device cuda: this machine has 0 CUDA device(s)"),
+    "one image per row": (["{run}", "--num-prompts", "1", "--seeds", "0"], "give at least two prompts or seeds"),
+    "config edited to a bad value": (["{t}/edited_config"], "config.json holds a value rid.py would refuse "
+                                                           "(--num-steps must be a positive integer"),
 }
 
 
 def prepare_eval_bad_inputs(run: Path, t: Path) -> None:
     (t / "binary.txt").write_bytes(bytes(range(256)))
-    for name in ("incomplete", "bad_config", "foreign_config", "bad_eval", "empty_eval"):
+    for name in ("incomplete", "bad_config", "foreign_config", "bad_eval", "empty_eval", "edited_config"):
         (t / name).mkdir()
         (t / name / "config.json").write_text((run / "config.json").read_text())
     (t / "bad_config" / "config.json").write_text("{not json")
     (t / "foreign_config" / "config.json").write_text('{"learning_rate": 1}')
+    config = json.loads((run / "config.json").read_text())
+    (t / "edited_config" / "config.json").write_text(json.dumps({**config, "num_steps": 0}))
     (t / "bad_eval" / "eval.json").write_text('{"rewards": [')
     (t / "empty_eval" / "eval.json").write_text("{}")
     shutil.copytree(run, t / "truncated")
@@ -1110,13 +1121,15 @@ def test_a_long_prompt_is_warned_about_once_in_one_short_line(capfd):
 
 def patched_rewards(change):
     """Patch for rid.load_reward: the real tiny scorer, its rewards passed through change(call, images, rewards),
-    call counting the scorer calls from 0."""
+    call counting the training steps' scorer calls from 0."""
     calls = []
 
     def load(name, device, tiny):
         scorer = load_reward(name, device, tiny)
 
         def score(images, prompts):
+            if not torch.is_grad_enabled():  # the reward's spread at a task's start (rid.reward_spread): not a step
+                return scorer(images, prompts)
             calls.append(None)
             return change(len(calls) - 1, images, scorer(images, prompts))
         return score
@@ -1433,7 +1446,9 @@ def test_checkpointing_off_gives_the_same_step_without_checkpoint_calls(monkeypa
     # K UNet calls, the student's detached call for distillation at the second gradient step (its input depends on
     # theta), and the decode, one image at a time; none without checkpointing
     assert calls_on == 2 + 1 + 2 and calls_off == calls_on
-    torch.testing.assert_close(metrics_on, metrics_off, rtol=0, atol=0)  # the same step, bit for bit
+    # The same step: with checkpointing the decode runs one image at a time, whose convolutions round differently
+    # from the batch's by a few float32 ulps (measured 6e-8 relative on the loss)
+    torch.testing.assert_close(metrics_on, metrics_off, rtol=1e-6, atol=0)
     assert metrics_on["loss_feat"] > 0
     for g, g_ref in zip(grads_on, grads_off):
         torch.testing.assert_close(g, g_ref)
@@ -1454,6 +1469,10 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert "peak MiB, checkpointing off" in tables and "T=2" in tables
     assert benchmark.cli(["--tiny", "--ks", "1,x"]) == 2
     assert "--ks must be comma-separated integers" in capsys.readouterr().err
+    for flags, message in ((["--batch-size", "0"], "--batch-size must be a positive integer"),
+                           (["--num-steps", "0"], "--num-steps must be a positive integer")):
+        assert benchmark.cli(["--tiny", *flags]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------- the toy world (issue 17)
@@ -1533,7 +1552,7 @@ def test_pretraining_runs_end_to_end_and_writes_what_the_real_loaders_read(tmp_p
                                  eval_every=1, guidance_scales="2,3", fidelity_prompts=4)
     report = toyworld.pretrain(args)
     assert set(report["fidelity"]) == {"2.0", "3.0"} and report["guidance_scale"] in (2.0, 3.0)
-    assert json.loads((tmp_path / toyworld.REPORT).read_text())["args"]["unet_steps"] == 2
+    assert json.loads((tmp_path / toyworld.REPORT).read_text())["runs"][-1]["args"]["unet_steps"] == 2
     monkeypatch.setattr(rewards, "TOY_DIR", tmp_path)
     rewards.openai_vit_l14.cache_clear()
     try:
@@ -1779,3 +1798,111 @@ def test_benchmark_measures_memory_before_the_timings_hold_gpu_memory(monkeypatc
     monkeypatch.setattr(benchmark, "benchmark_tables", lambda result: "")
     benchmark.benchmark(benchmark.parse_args(["--tiny", "--ks", "1"]))
     assert order == ["memory", "times"]
+
+
+# ---------------------------------------------------------------------------------------------- runs that cannot be corrupted (issue 20)
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+import plumbing
+lock = plumbing.lock_run_dir(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_writer_per_run_directory_and_no_lock_outlives_its_process(tmp_path, capsys):
+    """A process holds OUT's lock (as a running rid.py does from its first write): a second run, or a --resume, is
+    refused with one line naming its PID, before writing; after kill -9 the lock is gone and the run goes on."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(out)
+        for resume in ([], ["--resume"]):
+            capsys.readouterr()
+            assert rid.cli([*tiny_flags(SMALL, steps_per_task=1), "--out-dir", str(out), *resume]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [f"rid.py: error: --out-dir {out} is being written by another rid.py run (PID {holder.pid}); "
+                           "wait for it to end, or choose another directory"]
+        assert snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rid.cli([*tiny_flags(SMALL, steps_per_task=1), "--out-dir", str(out), "--resume"]) == 0
+    assert (out / "task1_aesthetic" / plumbing.LORA_FILE).is_file()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_another_run_or_without_its_task_directories_is_refused(reference_run, tmp_path, capsys):
+    """reference_run is a finished 1-task run; its checkpoint (at task 2, step 0) copied into a 2-task run that has
+    not finished task 1 must not make it skip task 1: refused as another run's; and with the right run id, refused
+    because task 1's directory, which it implies, is missing. Before: "resuming at task 2", exit 0."""
+    checkpoint = torch.load(reference_run / "checkpoint.pt", weights_only=True)
+    flags = tiny_flags(SMALL, rewards="aesthetic,hps")
+    for case, run_id, message in (("foreign", "0" * 32, "belongs to another run (run id"),
+                                  ("implied", checkpoint["run_id"], "is at task 2, but task1_aesthetic/"
+                                                                    "pytorch_lora_weights.safetensors, which that "
+                                                                    "implies, is missing")):
+        out = tmp_path / case
+        out.mkdir()
+        config = dataclasses.asdict(rid.resolve(rid.parse_args([*flags, "--out-dir", str(out)])))
+        (out / "config.json").write_text(json.dumps({**config, "run_id": run_id}))
+        shutil.copy(reference_run / "checkpoint.pt", out / "checkpoint.pt")
+        capsys.readouterr()
+        assert rid.cli([*flags, "--out-dir", str(out), "--resume"]) == 2, case
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (case, err)
+        assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json"]
+
+
+@pytest.mark.slow
+def test_a_damaged_or_deleted_log_is_recovered_and_the_training_is_the_same(reference_run, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Stopped after step 3 (3 metric lines counted), then metrics.jsonl is cut in the middle of line 2, or deleted:
+    --resume keeps the whole lines, says in one line what is lost, and ends with the uninterrupted run's weights;
+    the log then parses line by line and the curves are drawn."""
+    for damage in ("cut", "deleted"):
+        out, calls, train_step = tmp_path / damage, [], rid.train_step
+
+        def terminated_in_step_3(*args, **kwargs):
+            calls.append(None)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return train_step(*args, **kwargs)
+        monkeypatch.setattr(rid, "train_step", terminated_in_step_3)
+        assert rid.cli([*STOP_FLAGS, "--out-dir", str(out)]) == 143
+        monkeypatch.setattr(rid, "train_step", train_step)
+        log = out / "metrics.jsonl"
+        if damage == "cut":
+            text = log.read_text()
+            log.write_text(text[:text.index("\n") + 20])  # line 1 whole, line 2 cut
+        else:
+            log.unlink()
+        capsys.readouterr()
+        assert rid.cli([*STOP_FLAGS, "--out-dir", str(out), "--resume"]) == 0
+        warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        kept = 1 if damage == "cut" else 0
+        assert warned == [f"warning: {log} holds {kept} of the 3 lines the checkpoint counts (damaged or deleted); the "
+                          f"metrics of steps {kept + 1}-3 are lost, the training state is intact"]
+        lines = [json.loads(line) for line in log.read_text().splitlines()]
+        assert [line["step"] for line in lines] == [0, 3][:kept] + [3] if kept else [3]
+        lora, _ = lora_and_metrics(out)
+        lora_ref, _ = lora_and_metrics(reference_run)
+        assert all(torch.equal(lora[k], lora_ref[k]) for k in lora_ref)
+        assert Image.open(out / "training_curves.png").size == (1200, 1200)
+
+
+@pytest.mark.slow
+def test_a_task_that_skipped_most_of_its_steps_exits_3_without_saving_it(tmp_path, monkeypatch, capsys):
+    """Every reward NaN, never --max-bad-steps in a row: before, the run said done and saved an untrained LoRA."""
+    monkeypatch.setattr(rid, "load_reward", nan_on_calls({0, 1, 3}))  # 3 of 4 steps skipped, at most 2 in a row
+    capsys.readouterr()
+    assert rid.cli([*tiny_flags(SMALL), "--out-dir", str(tmp_path), "--max-bad-steps", "3"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("rid.py: error: task 1 (aesthetic): 3 of its 4 steps had a non-finite loss or gradient and were "
+                       "skipped, so it learned next to nothing; stopped without saving it (lower --lr, --reward-scale "
+                       "or --guidance-scale)")
+    assert not (tmp_path / "task1_aesthetic").exists()
