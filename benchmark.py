@@ -65,7 +65,8 @@ import torch  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import plumbing  # noqa: E402
+import checks  # noqa: E402
+import runfiles  # noqa: E402
 import rid  # noqa: E402
 from eval import fmt, markdown_table  # noqa: E402
 from rewards import TOWER_CONFIGS, Aesthetic, MissingWeights, clip_tower, load_reward, seeded  # noqa: E402
@@ -113,7 +114,7 @@ def optimizer_step(pipe, scorer, params, teacher, optimizer, args: rid.Args, gen
     """One optimizer step as rid.train_task takes it: train_step (sample with gradients through the last K steps,
     score, backward), then rid.optimizer_update (gradient clipping, AdamW, and for RID the EMA teacher update)."""
     scaler = torch.amp.GradScaler(enabled=False)  # the benchmark runs in fp32: no loss scaling, nothing to keep
-    metrics = rid.train_step(pipe, scorer, plumbing.DEFAULT_PROMPTS, teacher, args, generator, scaler=scaler)
+    metrics = rid.train_step(pipe, scorer, checks.DEFAULT_PROMPTS, teacher, args, generator, scaler=scaler)
     rid.optimizer_update(optimizer, params, scaler, teacher, args, metrics["loss"].item())
 
 
@@ -122,7 +123,7 @@ def minimal_loss(pipe, scorer, args: rid.Args, generator) -> torch.Tensor:
     the loop every reward-backprop trainer has. The same batch (rid.draw_batch), prompt embeddings, decode and fp32
     reward (rid.score) as rid.py, the UNet called directly with its adapters active, the last k calls and the
     decode in non-reentrant activation checkpointing as rid.py's default; none of rid.py's fast path."""
-    prompts, x, k = rid.draw_batch(pipe, plumbing.DEFAULT_PROMPTS, args, generator)
+    prompts, x, k = rid.draw_batch(pipe, checks.DEFAULT_PROMPTS, args, generator)
     emb = rid.encode_prompts(pipe, prompts)
 
     def guided_eps(x_in, t):
@@ -181,7 +182,7 @@ def step_times(opts: BenchmarkArgs, ks: list[int], device: torch.device) -> dict
     step = (pipe3, scorer, params3, rid.new_teacher(params3, args), optimizer3, args, torch.Generator().manual_seed(0))
     jobs[f"rid K={ks[0]} task 3"] = lambda step=step: optimizer_step(*step)
     sample_args = bench_args(opts, "plain", 1)
-    prompts = plumbing.DEFAULT_PROMPTS[:sample_args.batch_size]
+    prompts = checks.DEFAULT_PROMPTS[:sample_args.batch_size]
     latents = rid.initial_latents(pipe, len(prompts), sample_args.resolution, torch.Generator().manual_seed(0))
     jobs["sampling"] = lambda: rid.generate(pipe, prompts, latents, sample_args)
     seconds = {name: [] for name in jobs}
@@ -333,7 +334,7 @@ def flop_counts(opts: BenchmarkArgs) -> dict:
     unet = forward_flops(lambda: pipe.unet(x, torch.tensor(1, **meta), encoder_hidden_states=text))
     decode = forward_flops(lambda: pipe.vae.decode(torch.zeros(1, 4, side, side, dtype=pipe.vae.dtype, **meta)))
     images = torch.zeros(b, 3, args.resolution, args.resolution, **meta)
-    reward = forward_flops(lambda: scorer(images, plumbing.DEFAULT_PROMPTS[:b])) if opts.reward == "aesthetic" \
+    reward = forward_flops(lambda: scorer(images, checks.DEFAULT_PROMPTS[:b])) if opts.reward == "aesthetic" \
         else (0.0, 0.0)
     parts = {  # (conv, matmul) x count, and the precision it runs in
         "UNet, T-K steps without gradients": (unet, t - k, "TF32 / low dtype"),
@@ -369,17 +370,17 @@ def benchmark(opts: BenchmarkArgs) -> dict:
         result = flop_counts(opts)
         print(flop_table(result))
         if opts.json:
-            plumbing.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
+            runfiles.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
         return result
     args = bench_args(opts, "rid", 1)
     t = args.num_steps
     for name in ("resolution", "num_steps", "batch_size"):
-        if not 0 < getattr(args, name) < plumbing.COUNT_LIMIT:
-            raise plumbing.UsageError(f"--{name.replace('_', '-')} must be a positive integer below 2^31, got "
+        if not 0 < getattr(args, name) < checks.COUNT_LIMIT:
+            raise checks.UsageError(f"--{name.replace('_', '-')} must be a positive integer below 2^31, got "
                                       f"{getattr(args, name)}")
     ks = [int(k) for k in opts.ks.split(",") if k.strip().isdigit()]
     if len(ks) != len(opts.ks.split(",")) or not all(1 <= k <= t for k in ks) or opts.repeats <= 0:
-        raise plumbing.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), and "
+        raise checks.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), and "
                                   f"--repeats positive; got --ks {opts.ks} --repeats {opts.repeats}")
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = "toy world" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
@@ -392,7 +393,7 @@ def benchmark(opts: BenchmarkArgs) -> dict:
               "precision": opts.mixed_precision, "peak_memory_bytes": memory, "seconds": step_times(opts, ks, device)}
     print(benchmark_tables(result))
     if opts.json:
-        plumbing.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
+        runfiles.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result
 
 
@@ -401,9 +402,9 @@ def cli(argv: list[str]) -> int:
     try:
         benchmark(parse_args(argv))
         return 0
-    except (plumbing.UsageError, MissingWeights, plumbing.WriteFailed) as error:
+    except (checks.UsageError, MissingWeights, runfiles.WriteFailed) as error:
         print(f"benchmark.py: error: {error}", file=sys.stderr)
-        return plumbing.EXIT_STATUS[type(error)]
+        return checks.EXIT_STATUS[type(error)]
     except KeyboardInterrupt:
         print("benchmark.py: interrupted", file=sys.stderr)
         return 130

@@ -62,7 +62,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure  #
 from tqdm import tqdm  # noqa: E402
 
 import figures  # noqa: E402
-import plumbing  # noqa: E402
+import checks  # noqa: E402
+import runfiles  # noqa: E402
 import rid  # noqa: E402
 import toyworld  # noqa: E402
 from rewards import MissingWeights, load_reward, toy_file  # noqa: E402
@@ -85,17 +86,17 @@ def default_prompts(args: rid.Args, num_prompts: int | None) -> list[str]:
 def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     """The run's resolved rid.Args and its task directories (task{i}_{name}), checked to be complete."""
     if not (run / "config.json").is_file():
-        raise plumbing.UsageError(f"{run}: no config.json; give a run directory written by rid.py")
-    args = rid.resolve(rid.Args(**plumbing.read_config(run / "config.json", rid.Args)))
+        raise checks.UsageError(f"{run}: no config.json; give a run directory written by rid.py")
+    args = rid.resolve(rid.Args(**runfiles.read_config(run / "config.json", rid.Args)))
     try:  # an edited config.json is checked as rid.py checks its flags
-        plumbing.check_reward_names(rid.reward_names(args), "rewards")
-        plumbing.check_numbers(args)
-    except plumbing.UsageError as error:
-        raise plumbing.UsageError(f"{run}/config.json holds a value rid.py would refuse ({error}); restore it") from None
+        checks.check_reward_names(rid.reward_names(args), "rewards")
+        checks.check_numbers(args)
+    except checks.UsageError as error:
+        raise checks.UsageError(f"{run}/config.json holds a value rid.py would refuse ({error}); restore it") from None
     tasks = [run / f"task{i}_{name}" for i, name in enumerate(rid.reward_names(args), start=1)]
     for task in tasks:
-        if not (task / plumbing.LORA_FILE).is_file():
-            raise plumbing.UsageError(f"{run}: incomplete run, {task.name}/{plumbing.LORA_FILE} is missing "
+        if not (task / runfiles.LORA_FILE).is_file():
+            raise checks.UsageError(f"{run}: incomplete run, {task.name}/{runfiles.LORA_FILE} is missing "
                                  "(did rid.py finish?)")
         check_lora_file(task / "pytorch_lora_weights.safetensors")
     return args, tasks
@@ -107,7 +108,7 @@ def check_lora_file(path: Path) -> None:
         with safe_open(path, "pt"):
             pass
     except (SafetensorError, OSError) as error:
-        raise plumbing.UsageError(f"{path} cannot be read ({error}); it is damaged or truncated: rerun that task with "
+        raise checks.UsageError(f"{path} cannot be read ({error}); it is damaged or truncated: rerun that task with "
                              "rid.py --resume from a checkpoint, or train the run again") from None
 
 
@@ -115,18 +116,18 @@ def eval_settings(opts: EvalArgs) -> tuple[list[str] | None, list[int], list[str
     """The eval prompts (None: each run's mode's default, default_prompts), seeds and extra rewards from the flags,
     checked before any work starts."""
     if opts.num_prompts is not None and opts.num_prompts <= 0 or opts.batch_size <= 0 or opts.bootstrap <= 0:
-        raise plumbing.UsageError("--num-prompts, --batch-size and --bootstrap must be positive integers")
+        raise checks.UsageError("--num-prompts, --batch-size and --bootstrap must be positive integers")
     prompts = rid.read_prompts(opts.prompts)[:opts.num_prompts] if opts.prompts else None
     try:
         seeds = [int(seed) for seed in opts.seeds.split(",")]
     except ValueError:
-        raise plumbing.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {opts.seeds!r}") from None
+        raise checks.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {opts.seeds!r}") from None
     n_prompts = len(prompts) if prompts is not None else opts.num_prompts or len(EVAL_PROMPTS)
     if n_prompts * len(seeds) < 2:
-        raise plumbing.UsageError("one prompt with one seed gives one image per model, and gains are in units of the "
+        raise checks.UsageError("one prompt with one seed gives one image per model, and gains are in units of the "
                                   "base images' standard deviation: give at least two prompts or seeds")
     extra = [name.strip() for name in opts.extra_rewards.split(",") if name.strip()]
-    plumbing.check_reward_names(extra, "--extra-rewards")
+    checks.check_reward_names(extra, "--extra-rewards")
     eval_device(opts)
     return prompts, seeds, extra
 
@@ -136,12 +137,12 @@ def eval_device(opts: EvalArgs) -> torch.device:
     try:
         device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError:
-        raise plumbing.UsageError(f"--device {opts.device!r} is not a torch device; give cpu, cuda or cuda:N") from None
+        raise checks.UsageError(f"--device {opts.device!r} is not a torch device; give cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise plumbing.UsageError(f"--device {opts.device}: this machine has {torch.cuda.device_count()} CUDA "
+        raise checks.UsageError(f"--device {opts.device}: this machine has {torch.cuda.device_count()} CUDA "
                                   "device(s); give cpu, or a GPU that exists")
     if device.type not in ("cpu", "cuda"):
-        raise plumbing.UsageError(f"--device {opts.device}: eval.py runs on cpu or cuda")
+        raise checks.UsageError(f"--device {opts.device}: eval.py runs on cpu or cuda")
     return device
 
 
@@ -161,7 +162,7 @@ def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int],
         if task is not None:
             # The UNet's LoRA alone: pipe.load_lora_weights also looks for text-encoder LoRA keys, which rid.py never
             # trains, and warns on every load that there are none.
-            pipe.unet.load_lora_adapter(task, weight_name=plumbing.LORA_FILE, prefix="unet", adapter_name=task.name)
+            pipe.unet.load_lora_adapter(task, weight_name=runfiles.LORA_FILE, prefix="unet", adapter_name=task.name)
         generator = torch.Generator().manual_seed(0)  # the same DDIM noise in every row when eta > 0
         images = []
         for start in chunks:
@@ -384,7 +385,7 @@ def evaluate(run: Path, prompts: list[str] | None, seeds: list[int], extra: list
     columns = list(dict.fromkeys(task_rewards + extra))
     device = eval_device(opts)
     pipe = rid.load_pipeline(args, device)
-    plumbing.warn_long_prompts(pipe.tokenizer, prompts)
+    checks.warn_long_prompts(pipe.tokenizer, prompts)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     scorers = {name: load_reward(name, "cpu", args.tiny) for name in columns}
 
@@ -416,7 +417,7 @@ def evaluate(run: Path, prompts: list[str] | None, seeds: list[int], extra: list
         curves = figures.training_curves(figures.read_metrics(run / "metrics.jsonl"), args.grad_clip)
         outputs["training_curves.png"] = lambda f: curves.savefig(f, format="png")
     for name, write in outputs.items():  # each complete or as it was: a full disk is one line (exit status 74)
-        plumbing.atomic_write(run / name, write)
+        runfiles.atomic_write(run / name, write)
     written = ", ".join(outputs)
     print(f"wrote {run}/{written}")
     return result
@@ -429,15 +430,15 @@ EVAL_KEYS = ("rewards", "reward_matrix", "final_average_reward", "final_average_
 def read_eval(run: Path) -> dict:
     """A run's eval.json, checked to hold what --compare reads; a damaged one is one line."""
     if not (run / "eval.json").is_file():
-        raise plumbing.UsageError(f"{run}: no eval.json; run `python eval.py {run}` first")
+        raise checks.UsageError(f"{run}: no eval.json; run `python eval.py {run}` first")
     try:
         result = json.loads((run / "eval.json").read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise plumbing.UsageError(f"{run}/eval.json cannot be read as JSON ({error}); run `python eval.py {run}` "
+        raise checks.UsageError(f"{run}/eval.json cannot be read as JSON ({error}); run `python eval.py {run}` "
                                   "again") from None
     missing = [key for key in EVAL_KEYS if key not in result] if isinstance(result, dict) else list(EVAL_KEYS)
     if missing:
-        raise plumbing.UsageError(f"{run}/eval.json lacks {', '.join(missing)}; run `python eval.py {run}` again")
+        raise checks.UsageError(f"{run}/eval.json lacks {', '.join(missing)}; run `python eval.py {run}` again")
     return result
 
 
@@ -482,9 +483,9 @@ def cli(argv: list[str]) -> int:
     try:
         main(argv)
         return 0
-    except (plumbing.UsageError, MissingWeights, plumbing.WriteFailed) as error:
+    except (checks.UsageError, MissingWeights, runfiles.WriteFailed) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
-        return plumbing.EXIT_STATUS[type(error)]
+        return checks.EXIT_STATUS[type(error)]
     except KeyboardInterrupt:  # every output is written whole (atomic_write) or not at all
         print("eval.py: interrupted; the outputs written so far are complete", file=sys.stderr)
         return 130

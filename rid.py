@@ -74,7 +74,7 @@ class Args:
     grad_clip: float = option(5.0, "clip the LoRA gradient norm to this")
     resolution: int | None = option(None, "image side in pixels")
     seed: int = option(0, "random seed (LoRA init, prompts, noise)")
-    # The run: models, inputs and outputs, resuming, precision and memory, logging (plumbing.py).
+    # The run: models, inputs and outputs, resuming, precision and memory, logging (models.py, checks.py, session.py).
     tiny: bool = option(False, "the toy world: tiny pretrained models of SD's classes and toy reward towers, from toy/ "
                         "(CPU, no download; README, Tiny mode)")
     random_weights: bool = option(False, "SD1.5's architecture with random weights, built from code (no download; "
@@ -137,9 +137,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from plumbing import (LORA_TARGETS, WEIGHT_DTYPES, Run, adapters_disabled, adapters_folded,  # noqa: E402
-                      average_gradients, check_args, check_model_args, exit_status, is_finite, load_pipeline,
-                      read_prompts, reward_names, step_metrics, variance_noise)
+from checks import check_args, check_model_args, exit_status, is_finite, read_prompts  # noqa: E402
+from models import LORA_TARGETS, WEIGHT_DTYPES, adapters_disabled, adapters_folded, load_pipeline  # noqa: E402
+from session import Run, average_gradients, step_metrics, variance_noise  # noqa: E402
+from runfiles import reward_names  # noqa: E402
 from rewards import load_reward  # noqa: E402
 
 

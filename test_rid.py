@@ -36,7 +36,10 @@ import benchmark
 import cli
 import eval as evaluation
 import figures
-import plumbing
+import checks
+import models
+import runfiles
+import session
 import rewards
 import rid
 import toyworld
@@ -175,7 +178,7 @@ def test_fast_path_gives_the_gradients_of_the_plain_loop(dtype, rtol):
     of threads alone does to these gradients."""
     args, pipe, params = two_task_setup(dtype)
     scorer = load_reward("aesthetic", "cpu", tiny=True).to(dtype)
-    rid.train_step(pipe, scorer, plumbing.DEFAULT_PROMPTS, None, args, torch.Generator().manual_seed(0))
+    rid.train_step(pipe, scorer, checks.DEFAULT_PROMPTS, None, args, torch.Generator().manual_seed(0))
     fast = [p.grad.clone() for p in params.values()]
     plain = grads(params, benchmark.minimal_loss(pipe, scorer, args, torch.Generator().manual_seed(0)))
     assert all(g.abs().sum() > 0 for g in plain)
@@ -321,8 +324,9 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 # Measured maximum differences (README, Rewards): preprocessing 0.016 in normalised pixels (about one 8-bit level,
 # 1/255/std = 0.015: PIL rounds its resized image to 8 bits); unit image embeddings 6.4e-4 (0.062 or more with the
 # other preprocessing); scores 1.1e-5 (aesthetic), 2.1e-4 (hps), 5.2e-4 (clip) on random towers; on the toy
-# world's trained towers 7.1e-3 for the aesthetic score of about 8.6 (8e-4 of it).
-PREPROCESS_TOLERANCE, SCORE_TOLERANCE = 0.03, 2e-3
+# world's trained towers 7.1e-3 for the aesthetic score of about 8.6 (8e-4 of it), unit embeddings 3.2e-3 (0.35 or
+# more with the other preprocessing).
+PREPROCESS_TOLERANCE, SCORE_TOLERANCE, EMBEDDING_TOLERANCE = 0.03, 2e-3, 0.01
 
 @pytest.mark.parametrize("height, width", [(512, 512), (512, 384), (384, 512), (40, 56)])
 def test_preprocessing_matches_the_official_pil_pipelines(height, width):
@@ -360,8 +364,8 @@ def test_scores_match_the_official_scoring_pipelines():
             embedding, wrong = (rewards.encode_image(clip, images, preprocess) for preprocess in (ours, other))
         # relative to the score's size: the toy aesthetic is on a 0-10 scale, the cosines below 1
         assert (got - expected).abs().max() < SCORE_TOLERANCE * max(1, expected.abs().max()), (name, got, expected)
-        assert (embedding - out["image_features"]).abs().max() < SCORE_TOLERANCE, name
-        assert (wrong - out["image_features"]).abs().max() > 10 * SCORE_TOLERANCE, name
+        assert (embedding - out["image_features"]).abs().max() < EMBEDDING_TOLERANCE, name
+        assert (wrong - out["image_features"]).abs().max() > 10 * EMBEDDING_TOLERANCE, name
 
 
 def test_aesthetic_loader_reads_the_released_layout(tmp_path):
@@ -415,7 +419,7 @@ def test_run_writes_its_outputs(run):
     assert {"reward_mean", "reward_std", "loss", "loss_reward", "loss_out", "loss_feat", "lr", "seconds"} <= set(lines[0])
     for task_dir in ("task1_aesthetic", "task2_hps"):
         assert (out / task_dir / "pytorch_lora_weights.safetensors").is_file()
-        assert (out / task_dir / plumbing.KOHYA_FILE).is_file()
+        assert (out / task_dir / runfiles.KOHYA_FILE).is_file()
         assert (out / task_dir / "samples.png").stat().st_size > 0
     assert Image.open(out / "training_curves.png").size == (1200, 1200)  # rewritten at each task end
 
@@ -478,7 +482,7 @@ def test_samples_show_the_model_without_adapters_beside_the_trained_one(run):
     the trained state exactly: outputs, active adapters and which LoRA tensors train (PEFT's enable_adapters alone
     would make the frozen task-1 adapter trainable again)."""
     args, trained, out = run
-    unet, prompts = trained.unet, plumbing.read_prompts(None, tiny=True)[:4]
+    unet, prompts = trained.unet, checks.read_prompts(None, tiny=True)[:4]
     unet.set_adapters(["task1", "task2"])
     for name, p in unet.named_parameters():
         p.requires_grad_(".task2." in name)  # as at the end of training: task 2 trainable, task 1 and the UNet frozen
@@ -609,8 +613,8 @@ def prepare_bad_inputs(t: Path) -> None:
                                                             .numpy().tobytes())
     (t / "empty_checkpoint" / "checkpoint.pt").write_bytes(b"")
     unet = rid.load_pipeline(tiny_args(), torch.device("cpu")).unet
-    lora = {name: torch.zeros(shape) for name, shape in plumbing.lora_shapes(unet, ["task1"], rank=2).items()}
-    torch.save({key: None for key in plumbing.CHECKPOINT_KEYS} | {"task": 1, "step": 2, "adapters": ["task1"],
+    lora = {name: torch.zeros(shape) for name, shape in models.lora_shapes(unet, ["task1"], rank=2).items()}
+    torch.save({key: None for key in runfiles.CHECKPOINT_KEYS} | {"task": 1, "step": 2, "adapters": ["task1"],
                                                                   "lora": lora},
                t / "other_rank" / "checkpoint.pt")
 
@@ -662,13 +666,13 @@ def test_ema_decay_0_with_distillation_is_refused(tmp_path):
     """With mu = 0 the teacher is the student after every step: both distillation losses are 0 (the same UsageError
     path as the command-line cases above, checked in-process to spare a subprocess)."""
     with pytest.raises(cli.UsageError, match="--ema-decay 0 makes the teacher a copy of the student"):
-        plumbing.check_args(tiny_args(ema_decay=0.0, out_dir=str(tmp_path)))
-    plumbing.check_args(tiny_args(ema_decay=0.0, lambda_out=0, lambda_feat=0, out_dir=str(tmp_path)))
+        checks.check_args(tiny_args(ema_decay=0.0, out_dir=str(tmp_path)))
+    checks.check_args(tiny_args(ema_decay=0.0, lambda_out=0, lambda_feat=0, out_dir=str(tmp_path)))
 
 
 def test_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(plumbing.UsageError, match="already holds a run"):
+    with pytest.raises(checks.UsageError, match="already holds a run"):
         rid.main(tiny_args(out_dir=str(tmp_path)))
 
 
@@ -756,7 +760,7 @@ def test_eval_writes_every_output_with_its_shapes(evaluated_run):
     label_w, header_h = grid.width - 3 * 132 - 4, grid.height - 2 * 132
     assert 0 < label_w <= figures.LABEL_WIDTH and header_h >= 20
     # The base row is the base model's images from each seed's x_T, independently regenerated and scored.
-    args = rid.resolve(rid.Args(**plumbing.read_config(out / "config.json", rid.Args)))
+    args = rid.resolve(rid.Args(**runfiles.read_config(out / "config.json", rid.Args)))
     base = rid.load_pipeline(args, torch.device("cpu"))
     base.scheduler.set_timesteps(args.num_steps)
     prompts = toyworld.EVAL_PROMPTS[:2]
@@ -860,7 +864,7 @@ def test_the_run_ends_by_listing_its_outputs_and_the_next_command(evaluated_run)
     listing = listing[:next(i for i, line in enumerate(listing) if line.startswith("next:")) + 1]
     paths = [Path(word) for line in listing for word in line.split() if word.startswith(str(out))]
     for name in ("task1_compressibility", "task2_aesthetic"):
-        assert {out / name / plumbing.LORA_FILE, out / name / "samples.png"} <= set(paths)
+        assert {out / name / runfiles.LORA_FILE, out / name / "samples.png"} <= set(paths)
     assert {out / "metrics.jsonl", out / "training_curves.png", out / "logs"} <= set(paths)
     assert all(path.exists() for path in paths), paths
     assert f"tensorboard --logdir {out / 'logs'}" in printed
@@ -878,7 +882,7 @@ def test_a_run_and_its_evaluation_emit_neither_noisy_library_warning(evaluated_r
 def test_report_to_wandb_without_wandb_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError, as where it is not installed
     for choice in ("wandb", "all"):
-        with pytest.raises(plumbing.UsageError, match=f"--report-to {choice}: the wandb package is not installed; "
+        with pytest.raises(checks.UsageError, match=f"--report-to {choice}: the wandb package is not installed; "
                                                  "`pip install wandb`"):
             rid.main(tiny_args(SMALL, out_dir=str(tmp_path / "out"), report_to=choice))
     assert not (tmp_path / "out").exists()
@@ -889,10 +893,10 @@ def test_summary_shows_the_running_mean_beside_the_last_reward():
     step's NaN is left out of the mean."""
     metrics = dict(task=2, reward="hps", step=9, reward_mean=-0.1268, loss=1268.0, loss_out=6e-5, loss_feat=0.61,
                    grad_norm=0.181, seconds=1.5)
-    line = plumbing.summary(metrics, tiny_args(), [0.0015, 0.05, float("nan"), -0.1268])
+    line = session.summary(metrics, tiny_args(), [0.0015, 0.05, float("nan"), -0.1268])
     assert line.startswith("task 2 hps step 10/20: reward -0.1268 (mean -0.0251 over last 3 steps) loss 1268 ")
-    assert plumbing.running_mean([0.5]) == "mean 0.5 over last 1 step"
-    assert plumbing.running_mean([float("nan")]) == "no finite reward since the last line"
+    assert session.running_mean([0.5]) == "mean 0.5 over last 1 step"
+    assert session.running_mean([float("nan")]) == "no finite reward since the last line"
 
 
 # ---------------------------------------------------------------------------------------------- pictures (issue 12)
@@ -1099,19 +1103,19 @@ def test_a_signal_while_the_models_are_built_stops_before_anything_is_written(tm
 
 
 def test_a_world_size_other_than_asked_is_refused(monkeypatch):
-    monkeypatch.setattr(plumbing.psutil, "Process", lambda pid: type("P", (), {"cmdline": lambda self: [
+    monkeypatch.setattr(checks.psutil, "Process", lambda pid: type("P", (), {"cmdline": lambda self: [
         "/venv/bin/python", "/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "rid.py", "--tiny"]})())
-    assert plumbing.launcher_processes() == 2
-    with pytest.raises(plumbing.UsageError, match="asked for 2 processes but started 1"):
-        plumbing.check_world_size(1)
-    plumbing.check_world_size(2)
+    assert checks.launcher_processes() == 2
+    with pytest.raises(checks.UsageError, match="asked for 2 processes but started 1"):
+        checks.check_world_size(1)
+    checks.check_world_size(2)
 
 
 def test_a_long_prompt_is_warned_about_once_in_one_short_line(capfd):
     """Before: diffusers printed the truncated tail of the prompt on every encode (156 KB of stderr in 2 steps)."""
     pipe = rid.load_pipeline(tiny_args(), torch.device("cpu"))
     prompts = ["a cat", "a very long prompt " * 300]
-    plumbing.warn_long_prompts(pipe.tokenizer, prompts)
+    checks.warn_long_prompts(pipe.tokenizer, prompts)
     for _ in range(2):
         rid.encode_prompts(pipe, prompts)
     err = capfd.readouterr().err
@@ -1154,7 +1158,7 @@ def test_a_nan_reward_skips_the_update_and_warns(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_consecutive_nan_steps_stop_the_run_with_the_last_good_checkpoint_intact(tmp_path, monkeypatch):
     monkeypatch.setattr(rid, "load_reward", nan_on_calls(set(range(2, 100))))
-    with pytest.raises(plumbing.TrainingStopped, match=r"2 steps in a row .* checkpoint \(task 1, step 2\) is intact"):
+    with pytest.raises(checks.TrainingStopped, match=r"2 steps in a row .* checkpoint \(task 1, step 2\) is intact"):
         rid.main(tiny_args(SMALL, out_dir=str(tmp_path), max_bad_steps=2))
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert (checkpoint["task"], checkpoint["step"]) == (1, 2)
@@ -1163,7 +1167,7 @@ def test_consecutive_nan_steps_stop_the_run_with_the_last_good_checkpoint_intact
 
 def test_resume_with_another_configuration_is_refused_naming_the_fields(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(tiny_args(SMALL, out_dir=str(tmp_path)))))
-    with pytest.raises(plumbing.UsageError, match=r"configuration: --k \(1 -> 2\), --rewards \('aesthetic' -> 'hps'"):
+    with pytest.raises(checks.UsageError, match=r"configuration: --k \(1 -> 2\), --rewards \('aesthetic' -> 'hps'"):
         rid.main(tiny_args(SMALL, out_dir=str(tmp_path), rewards="hps", k=2, log_every=1,  # log_every may differ
                            resume=True))
 
@@ -1214,7 +1218,7 @@ def first_step_gradient(args: rid.Args, accelerator) -> dict[str, torch.Tensor]:
     torch.manual_seed(args.seed)
     params = rid.add_task_adapter(pipe.unet, "task1", args.lora_rank)
     teacher = {n: p.detach().clone() for n, p in params.items()}
-    rid.train_step(pipe, load_reward(args.rewards, accelerator.device, tiny=True), plumbing.DEFAULT_PROMPTS, teacher,
+    rid.train_step(pipe, load_reward(args.rewards, accelerator.device, tiny=True), checks.DEFAULT_PROMPTS, teacher,
                    args, torch.Generator().manual_seed(args.seed), accelerator)
     rid.average_gradients(params, accelerator)
     return {n: p.grad for n, p in params.items()}
@@ -1384,7 +1388,7 @@ def test_fp16_overflow_nan_and_shared_adapter_keep_training_with_one_grad_scaler
     assert checkpoint["scaler"]["scale"] < 2.0 ** 16  # lowered by the overflows
     for saved, scale in ((checkpoint, checkpoint["scaler"]["scale"]), ({**checkpoint, "scaler": None}, 2.0 ** 16)):
         pipe, scaler = rid.load_pipeline(rid.resolve(args), torch.device("cpu")), torch.amp.GradScaler("cpu")
-        plumbing.restore(pipe.unet, rid.resolve(args), plumbing.Progress(tmp_path, torch.Generator()), saved, scaler,
+        runfiles.restore(pipe.unet, rid.resolve(args), runfiles.Progress(tmp_path, torch.Generator()), saved, scaler,
                          rid.add_task_adapter)
         assert scaler.get_scale() == scale
 
@@ -1400,11 +1404,11 @@ def test_resume_puts_the_teacher_and_optimizer_state_on_the_model_device():
                   "optimizer": optimizer.state_dict()}
     on_device = {"lora_B": torch.nn.Parameter(torch.empty(3, 2, device="meta"))}
     optimizer = torch.optim.AdamW(on_device.values())
-    first, teacher = plumbing.resume_task(checkpoint, on_device, optimizer)
+    first, teacher = runfiles.resume_task(checkpoint, on_device, optimizer)
     assert first == 1 and teacher["lora_B"].device.type == "meta"
     state = optimizer.state[on_device["lora_B"]]
     assert state["exp_avg"].device.type == state["exp_avg_sq"].device.type == "meta"
-    assert plumbing.resume_task({**checkpoint, "teacher": None}, on_device, optimizer)[1] is None  # no distillation
+    assert runfiles.resume_task({**checkpoint, "teacher": None}, on_device, optimizer)[1] is None  # no distillation
 
 
 # ---------------------------------------------------------------------------------------------- performance (issue 4)
@@ -1427,7 +1431,7 @@ def test_sd15_architecture_is_built_from_the_real_configs_without_a_download(mon
     assert counts == [859_520_964, 83_653_863, 123_060_480]
     assert pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # SD's ids
     assert args.resolution == 512 and args.num_steps == 50  # full-mode defaults
-    with pytest.raises(plumbing.UsageError, match="exclude each other"):
+    with pytest.raises(checks.UsageError, match="exclude each other"):
         rid.check_args(rid.resolve(rid.Args(tiny=True, random_weights=True)))
 
 
@@ -1746,8 +1750,8 @@ def test_only_the_current_tasks_scorer_is_on_the_training_device(tmp_path, monke
 
 def test_each_task_also_writes_a_kohya_lora_that_diffusers_reads_as_the_same_model(tmp_path):
     args, pipe, _ = two_task_setup(torch.float32)
-    plumbing.write_lora(tmp_path, rid.lora_state_dict(pipe.unet))
-    kohya = load_file(tmp_path / plumbing.KOHYA_FILE)
+    runfiles.write_lora(tmp_path, rid.lora_state_dict(pipe.unet))
+    kohya = load_file(tmp_path / runfiles.KOHYA_FILE)
     assert all(key.startswith("lora_unet_") for key in kohya)
     alphas = [key for key in kohya if key.endswith(".alpha")]
     assert alphas and all(kohya[key].item() == 8 for key in alphas)  # two stacked rank-4 adapters: alpha = rank
@@ -1755,7 +1759,7 @@ def test_each_task_also_writes_a_kohya_lora_that_diffusers_reads_as_the_same_mod
     base.set_progress_bar_config(disable=True)
     latents = rid.initial_latents(base, 2, 16, torch.Generator().manual_seed(0))
     images = []
-    for name in (plumbing.LORA_FILE, plumbing.KOHYA_FILE):
+    for name in (runfiles.LORA_FILE, runfiles.KOHYA_FILE):
         base.load_lora_weights(tmp_path, weight_name=name)
         images.append(base(EVAL_PROMPTS[:2], latents=latents, num_inference_steps=3, output_type="pt").images)
         base.unload_lora_weights()
@@ -1767,10 +1771,10 @@ def test_each_task_also_writes_a_kohya_lora_that_diffusers_reads_as_the_same_mod
 def test_the_offline_hint_fetches_only_what_the_pipeline_reads(tmp_path):
     """The printed command names PIPELINE_FILES, and those files alone load: a repo laid out as SD1.5's (a feature
     extractor, fp16 and .bin variants, a single-file checkpoint, the safety checker) filtered to them."""
-    hint = plumbing.pipeline_download("stable-diffusion-v1-5/stable-diffusion-v1-5")
+    hint = models.pipeline_download("stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert hint.startswith("hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include model_index.json")
     words = shlex.split(hint)
-    assert [words[i + 1] for i, word in enumerate(words) if word == "--include"] == list(plumbing.PIPELINE_FILES)
+    assert [words[i + 1] for i, word in enumerate(words) if word == "--include"] == list(models.PIPELINE_FILES)
     pipe = StableDiffusionPipeline.from_pretrained(rid.TOY_MODEL)
     pipe.register_modules(feature_extractor=CLIPImageProcessor())
     repo = tmp_path / "repo"
@@ -1780,7 +1784,7 @@ def test_the_offline_hint_fetches_only_what_the_pipeline_reads(tmp_path):
         (repo / extra).parent.mkdir(exist_ok=True)
         (repo / extra).write_bytes(b"not needed")
     files = [p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()]
-    wanted = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in plumbing.PIPELINE_FILES)]
+    wanted = [f for f in files if any(fnmatch.fnmatch(f, pattern) for pattern in models.PIPELINE_FILES)]
     assert not any(f.endswith(("not needed", ".bin", "fp16.safetensors", "pruned.safetensors")) for f in wanted)
     for f in wanted:
         (tmp_path / "fetched" / f).parent.mkdir(parents=True, exist_ok=True)
@@ -1805,8 +1809,7 @@ def test_benchmark_measures_memory_before_the_timings_hold_gpu_memory(monkeypatc
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-import plumbing
-lock = plumbing.lock_run_dir(Path(sys.argv[1]))
+lock = runfiles.lock_run_dir(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -1832,7 +1835,7 @@ def test_one_writer_per_run_directory_and_no_lock_outlives_its_process(tmp_path,
         holder.kill()
         holder.wait()
     assert rid.cli([*tiny_flags(SMALL, steps_per_task=1), "--out-dir", str(out), "--resume"]) == 0
-    assert (out / "task1_aesthetic" / plumbing.LORA_FILE).is_file()
+    assert (out / "task1_aesthetic" / runfiles.LORA_FILE).is_file()
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import cli as command_line
+import models
 import rewards
 from cli import option
 from rewards import AESTHETIC_MLP, HPS_CHECKPOINT, OPENAI_TOWER, TOY_DIR, TOY_TOWER
@@ -510,9 +511,8 @@ def image_models(args: PretrainArgs, out: Path) -> dict:
     started = time.perf_counter()
     vae = train_vae(args, stage_generator(args.seed, 1))
     vae_seconds = time.perf_counter() - started
-    import plumbing  # which imports this module for the toy prompts
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = plumbing.clip_tokenizer(tmp, model_max_length=TOKENS)
+        tokenizer = models.clip_tokenizer(tmp, model_max_length=TOKENS)
     unet, text_encoder = train_unet(args, vae, tokenizer, stage_generator(args.seed, 2), out / JUDGE, out)
     save_pipeline(toy_pipeline(unet, vae, text_encoder, tokenizer), out)
     return {"vae_seconds": vae_seconds, "unet_seconds": time.perf_counter() - started - vae_seconds,

@@ -1,0 +1,169 @@
+"""The models: Stable Diffusion as a diffusers pipeline (SD1.5 from the hub, or a local folder such as the toy world's
+toy/pipeline), or SD1.5's architecture built from code with random weights; and the UNet's LoRA layers, with the fast
+path that folds them into the weights for the sampling steps without gradients.
+
+It may import the libraries and rewards.py (the tokenizer's vocabulary, the one-line missing-weights message), and
+nothing else of the project: the method (rid.py) and the run's bookkeeping (runfiles, checks, session) build on it.
+"""
+import contextlib
+import json
+import shlex
+import tempfile
+from pathlib import Path
+
+import diffusers
+import open_clip
+import torch
+import transformers
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from peft.tuners.tuners_utils import BaseTunerLayer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from rewards import fetching, seeded
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def clip_tokenizer(tmp_dir: str, model_max_length: int = 77) -> CLIPTokenizer:
+    """Stable Diffusion's CLIP tokenizer, rebuilt from the BPE vocabulary that ships inside open_clip (no download).
+    Gives the same token ids as SD1.5's own tokenizer; only the special tokens are spelt differently there."""
+    bpe = open_clip.get_tokenizer("ViT-L-14")
+    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    Path(tmp_dir, "vocab.json").write_text(json.dumps({special.get(k, k): v for k, v in bpe.encoder.items()}))
+    merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
+    Path(tmp_dir, "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return CLIPTokenizer(f"{tmp_dir}/vocab.json", f"{tmp_dir}/merges.txt", model_max_length=model_max_length)
+
+
+# SD1.5's own unet/, vae/ and text_encoder/ config.json (sizes and layer types; the keys not given here are the classes'
+# defaults, which equal SD1.5's), for --random-weights, in the order the models are built (the order fixes which
+# random weights each model gets).
+SD15_ARCHITECTURE = {
+    "unet": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64, in_channels=4,
+                 out_channels=4, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32, norm_eps=1e-5,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "vae": dict(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3, latent_channels=4,
+                layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4),
+    "text_encoder": dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=768, intermediate_size=3072,
+                         num_attention_heads=12, num_hidden_layers=12, max_position_embeddings=77,
+                         projection_dim=768, hidden_act="quick_gelu", vocab_size=49408),
+}
+
+
+def random_pipeline(configs: dict) -> StableDiffusionPipeline:
+    """SD1.5's classes built from `configs` (SD15_ARCHITECTURE) with random weights, seeded so that every run gets the
+    same base; SD's tokenizer and noise schedule. Nothing is downloaded."""
+    with seeded(0), tempfile.TemporaryDirectory() as tmp:
+        unet = UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        return StableDiffusionPipeline(vae, text_encoder, clip_tokenizer(tmp), unet, scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+
+
+# What StableDiffusionPipeline.from_pretrained(..., safety_checker=None) reads from a diffusers repo: the configs, the
+# tokenizer, the feature extractor's config and the fp32 safetensors weights (about 4.3 GB for SD1.5). A plain
+# `hf download` of the SD1.5 repo also fetches its single-file checkpoints, .bin, fp16 and non-EMA variants and the
+# safety checker: tens of GB.
+PIPELINE_FILES = ("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*", "text_encoder/config.json",
+                  "text_encoder/model.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                  "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+
+
+def pipeline_download(model: str) -> str:
+    """The command that fetches only PIPELINE_FILES of hub repo `model`."""
+    return f"hf download {model} " + " ".join(f"--include {shlex.quote(pattern)}" for pattern in PIPELINE_FILES)
+
+
+WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
+    """The frozen base model with a DDIM scheduler, the same object in every mode: --model (SD1.5 from the hub, or the
+    toy world's pipeline folder in tiny mode) read by diffusers, or SD1.5's architecture built with random weights.
+    The VAE and the text encoder are in --mixed-precision's dtype; the UNet stays fp32, since its K gradient steps and
+    the teacher run in fp32 (its sampling steps without gradients run in the low dtype under autocast, see
+    rid.low_precision). Weights are read as fp32 whatever dtype they are stored in (the toy world's are fp16)."""
+    if args.random_weights:
+        pipe = random_pipeline(SD15_ARCHITECTURE)  # fp32: the same weights in every precision
+    else:
+        diffusers.utils.logging.disable_progress_bar()  # the libraries' loading bars: a run shows its own progress
+        transformers.utils.logging.disable_progress_bar()
+        with fetching(f"--model {args.model}", f"pre-download it on a machine with network access with "
+                      f"`{pipeline_download(args.model)}`, or pass a local diffusers directory with --model PATH"):
+            pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32, safety_checker=None,
+                                                           requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False).eval()
+    pipe.to(device)  # fp32, as loaded or built
+    for module in (pipe.vae, pipe.text_encoder):
+        # Not diffusers' ModelMixin.to(dtype): it warns "modules ... should be kept in float32: []" whenever it is
+        # given a dtype, even for a model with no such module (none of SD1.5's has one); after that check it casts
+        # with torch.nn.Module.to, as here.
+        torch.nn.Module.to(module, WEIGHT_DTYPES[args.mixed_precision])
+    return pipe
+
+
+def lora_layers(unet: UNet2DConditionModel) -> list[BaseTunerLayer]:
+    """The UNet's layers that PEFT wrapped (every targeted linear), each holding its own copy of every adapter."""
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: UNet2DConditionModel, layers: list[BaseTunerLayer] | None = None):
+    """Run the UNet without its LoRA adapters inside the block (the base column of samples.png; the fast path),
+    then restore exactly the trained state. PEFT's enable_adapters(True) calls set_adapter, which makes every
+    active adapter trainable again (earlier tasks' frozen adapters included), so requires_grad is saved and
+    restored. Layer by layer rather than diffusers' unet.disable_adapters(), which walks every module by name."""
+    layers = lora_layers(unet) if layers is None else layers
+    lora = [p for m in layers for name in m.adapter_layer_names for p in getattr(m, name).parameters()]
+    trainable = [p.requires_grad for p in lora]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield unet
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+        for p, was_trainable in zip(lora, trainable):
+            p.requires_grad_(was_trainable)
+
+
+@contextlib.contextmanager
+def adapters_folded(unet: UNet2DConditionModel):
+    """For calls without gradients: every active adapter folded into its layer, W' = W + sum_a (alpha/r) B_a A_a,
+    and the adapters switched off, so that a UNet call costs what the base model's does, whatever the number of
+    tasks. W itself is kept aside and put back untouched afterwards (W += dW then W -= dW would drift by rounding).
+    Costs one copy of the targeted weights while the block runs."""
+    layers = [m for m in lora_layers(unet) if not m.disable_adapters]
+    if not layers:  # no adapters yet, or already disabled (adapters_disabled)
+        yield unet
+        return
+    with torch.no_grad():
+        kept = [(m.get_base_layer().weight, m.get_base_layer().weight.data) for m in layers]
+        for m, (weight, w) in zip(layers, kept):
+            weight.data = (w + sum(m.get_delta_weight(name) for name in m.active_adapters)).to(w.dtype)  # 1 rounding
+    try:
+        with adapters_disabled(unet, layers):
+            yield unet
+    finally:
+        for weight, w in kept:
+            weight.data = w
+
+
+def lora_shapes(unet: UNet2DConditionModel, adapters: list[str], rank: int) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every LoRA tensor that add_task_adapter gives `unet` for these adapters: for each
+    targeted Linear (in -> out), A (rank, in) and B (out, rank)."""
+    shapes = {}
+    for name, module in unet.named_modules():
+        if name.endswith(tuple("." + t for t in LORA_TARGETS)):
+            for adapter in adapters:
+                shapes[f"{name}.lora_A.{adapter}.weight"] = (rank, module.in_features)
+                shapes[f"{name}.lora_B.{adapter}.weight"] = (module.out_features, rank)
+    return shapes
