@@ -50,6 +50,9 @@ class Interrupted(RuntimeError):
 EXIT_STATUS = {UsageError: 2, MissingWeights: 2, TrainingStopped: 3, WriteFailed: 74}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Flags and files, checked before the models are built.
+
 def read_prompts(path: str | None, tiny: bool = False) -> list[str]:
     """One prompt a line from a UTF-8 text file; a binary or otherwise encoded file is refused, naming the byte.
     Without a file: DEFAULT_PROMPTS, or in tiny mode the captions of the toy world's seen combinations."""
@@ -233,6 +236,9 @@ def check_args(args) -> bool:
     return check_out_dir(args)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Checks that need the model.
+
 def check_model_args(args, pipe: StableDiffusionPipeline) -> None:
     """Checks that need the model: the distilled layers exist and see the LoRA, the latent fits the UNet's
     downsampling, the rank and T fit the model, and the activations of --resolution x --batch-size can fit in
@@ -313,6 +319,9 @@ def check_memory(args, pipe: StableDiffusionPipeline) -> None:
                          f"decoder alone, and this {device.type} has {total / 2 ** 30:.0f} GiB; lower them "
                          "(--grad-accum keeps the effective batch)")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults while running: non-finite steps, trackers, the launcher, long prompts, signals, and the exit statuses.
 
 def is_finite(*values: float) -> bool:
     """Whether every value is finite: a step with a NaN or inf loss or gradient norm is skipped."""

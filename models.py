@@ -110,6 +110,10 @@ def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
     return pipe
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The LoRA layers, and the fast path for the sampling steps without gradients (rid.sample_latents), which folds the
+# LoRA into the weights so that no-grad calls cost what the base model's do.
+
 def lora_layers(unet: UNet2DConditionModel) -> list[BaseTunerLayer]:
     """The UNet's layers that PEFT wrapped (every targeted linear), each holding its own copy of every adapter."""
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]

@@ -30,16 +30,9 @@ from models import lora_shapes
 # Fields that may change when a run is resumed: they do not change what is computed (cpu: not on a CPU run).
 RESUME_MAY_DIFFER = ("resume", "out_dir", "log_every", "cpu", "checkpoint_every", "max_bad_steps", "checkpointing",
                      "report_to")
-
-
 CHECKPOINT = "checkpoint.pt"
-
-
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes into each task directory
-
-
 KOHYA_FILE = "lora_kohya.safetensors"  # the same LoRA in kohya's format, for ComfyUI, A1111 / Forge and kohya's scripts
-
 
 
 def reward_names(args) -> list[str]:
@@ -51,7 +44,11 @@ class WriteFailed(RuntimeError):
     file's previous version, and so the last checkpoint, is intact."""
 
 
-# What a run writes into --out-dir (eval.py adds eval*); a directory holding any of them is never written over.
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory: what it holds, config.json and its run id.
+
+# What a run writes into --out-dir (eval.py adds eval*; runs before the toy world also wrote base/); a directory holding
+# any of them is never written over.
 RUN_OUTPUTS = ("config.json", CHECKPOINT, "metrics.jsonl", "training_curves.png", "base", "task[0-9]*_*", "eval.json",
                "eval.md", "eval_*.png")
 
@@ -85,6 +82,9 @@ def check_resume_config(args, out: Path) -> None:
         raise UsageError(f"--resume: the run in {out} was started with another configuration: {changes}; rerun with "
                          "its flags (see config.json) or choose another --out-dir")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes and the one-writer lock.
 
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
@@ -166,6 +166,9 @@ def lock_run_dir(out: Path) -> TextIO:
     lock.flush()
     return lock
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints and what resuming restores from them.
 
 @dataclass
 class Progress:
@@ -287,6 +290,9 @@ def resume_task(resume: dict, params: dict[str, torch.nn.Parameter], optimizer) 
         teacher = {n: t.to(params[n].device) for n, t in teacher.items()}
     return resume["step"], teacher
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics.jsonl, the LoRA files and config.json.
 
 def keep_lines(path: Path, n: int) -> int:
     """Cut `path` back to its first n lines, the ones the checkpoint counts: the steps after it are run, and logged,

@@ -35,6 +35,9 @@ from runfiles import (CHECKPOINT, KOHYA_FILE, LORA_FILE, Progress, WriteFailed, 
                       check_checkpoint, keep_lines, load_checkpoint, lock_run_dir, restore, resume_hint, resume_task,
                       save_checkpoint, write_lora, write_run_files)
 
+# ----------------------------------------------------------------------------------------------------------------
+# Data parallel: the LoRA gradients, the step's metrics and DDIM's noise across processes.
+
 def average_gradients(params: dict[str, torch.nn.Parameter], accelerator: Accelerator) -> None:
     """All-reduce (mean) the LoRA gradients across processes, in one flat call. Done by hand rather than through
     DDP: a new adapter joins at every task, and the K UNet calls run inside activation checkpointing with a teacher
@@ -68,6 +71,9 @@ def variance_noise(x: torch.Tensor, generator: torch.Generator, process: tuple[i
     noise = torch.randn((n * count, *x.shape[1:]), generator=generator)
     return noise[index * n:(index + 1) * n].to(x.device, x.dtype)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a user sees while and after a run: the summary line, the trackers (TensorBoard, W&B), the list of outputs.
 
 def summary(metrics: dict, args, recent_rewards: list[float]) -> str:
     """The readable line printed every --log-every steps. A batch of a few images gives a reward that swings from
@@ -143,10 +149,114 @@ def where_outputs_went(args, out: Path) -> str:
                                "drift, eval_grid.png"])
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The run: what rid.py's loop calls at a few points, and its parts.
+
+def take_run_dir(accelerator: Accelerator, out: Path, new: bool) -> TextIO | None:
+    """The main process locks OUT (lock_run_dir) and checks again, under the lock, that a new run's OUT is still free
+    (another run may have written it while the models were built); every process stops if it cannot. Returns the
+    lock (None on other processes), held as long as it stays open."""
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = lock_run_dir(out)
+            if new and (out / "config.json").exists():
+                raise UsageError(f"--out-dir {out} was taken by another run while the models were built; choose "
+                                 "another directory")
+        except UsageError as error:
+            refused = error
+    failed = accelerator.reduce(torch.tensor([float(refused is not None)], device=accelerator.device),
+                                reduction="sum").item() if accelerator.num_processes > 1 else bool(refused)
+    if refused is not None:
+        raise refused
+    if failed:
+        raise UsageError(f"--out-dir {out}: the main process could not take the run directory (see its message)")
+    return lock
+
+
+def recover_log(path: Path, progress: Progress) -> None:
+    """metrics.jsonl cut back to the checkpoint's lines; if fewer survive (a damaged or deleted log), one line says
+    what is lost, and the log goes on from what is there: training itself is intact in the checkpoint."""
+    counted = progress.lines
+    kept = keep_lines(path, counted)
+    if kept < counted:
+        print(f"warning: {path} holds {kept} of the {counted} lines the checkpoint counts (damaged or deleted); the "
+              f"metrics of steps {kept + 1}-{counted} are lost, the training state is intact", file=sys.stderr)
+        progress.lines = kept
+
+
+class TaskLog:
+    """One task's steps as the user and the logs see them: the progress bar, a metrics line per step (metrics.jsonl
+    and the trackers), the summary line every --log-every steps, the counts of taken and skipped steps, and the two
+    ends of a task that learned nothing (too many skipped steps in a row, or more skipped than taken)."""
+
+    def __init__(self, args, progress: Progress, accelerator: Accelerator, task: int, name: str):
+        self.args, self.progress, self.accelerator, self.task, self.name = args, progress, accelerator, task, name
+        self.is_main = accelerator.is_main_process
+        self.recent_rewards = collections.deque(maxlen=args.log_every)  # rewards of the last --log-every steps
+
+    def steps(self, first: int):
+        """The task's steps from `first` on, under a progress bar; each one timed for its metrics line."""
+        self.bar = tqdm(range(first, self.args.steps_per_task), desc=f"task {self.task} ({self.name})", initial=first,
+                        total=self.args.steps_per_task, dynamic_ncols=True, disable=not self.is_main)
+        for self.step in self.bar:
+            self.started = time.perf_counter()
+            yield self.step
+        self.check_learned()
+
+    def record(self, metrics: dict, lr: float) -> None:
+        """The step's metrics line, to metrics.jsonl and the trackers, the bar, and every --log-every steps the summary
+        line; a skipped step counted first."""
+        args, progress, step = self.args, self.progress, self.step
+        self.count_bad_step(metrics)
+        metrics = {"task": self.task, "reward": self.name, "step": step, "lr": lr,
+                   "reward_spread": progress.spread, **metrics, "seconds": time.perf_counter() - self.started}
+        progress.log_line(json.dumps(metrics))
+        self.accelerator.log(tracker_metrics(metrics), step=progress.lines)  # the global step, as in the curves
+        self.recent_rewards.append(metrics["reward_mean"])
+        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
+        self.check_streak()
+        if self.is_main and ((step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task):
+            self.bar.write(summary(metrics, args, list(self.recent_rewards)))
+
+    def count_bad_step(self, metrics: dict) -> None:
+        """A skipped step (non-finite loss or gradient) extends the streak and is warned about; a taken one ends it."""
+        if not metrics["skipped"]:
+            self.progress.bad_streak = 0
+            self.progress.taken += 1
+            return
+        self.progress.bad_streak += 1
+        self.progress.skipped += 1
+        if self.is_main:
+            tqdm.write(f"warning: task {self.task} step {self.step}: loss {metrics['loss']}, gradient norm "
+                       f"{metrics['grad_norm']}; update skipped ({self.progress.bad_streak} in a row)", file=sys.stderr)
+
+    def check_streak(self) -> None:
+        """--max-bad-steps non-finite steps in a row stop the run, the last good checkpoint intact."""
+        progress, args = self.progress, self.args
+        if progress.bad_streak >= args.max_bad_steps:
+            last = (f"the last good checkpoint ({progress.saved_at}) is intact in {progress.out / CHECKPOINT}"
+                    if progress.saved_at != "none yet" else "no checkpoint was written yet")
+            raise TrainingStopped(f"task {self.task} step {self.step}: {progress.bad_streak} steps in a row had a "
+                                  f"non-finite loss or gradient (--max-bad-steps {args.max_bad_steps}); stopped; "
+                                  f"{last}")
+
+    def check_learned(self) -> None:
+        """A task whose steps were mostly skipped (non-finite loss or gradient each time, yet never --max-bad-steps in
+        a row) learned nothing worth saving: it stops as a diverged run does, before its LoRA is written."""
+        progress = self.progress
+        if progress.skipped > progress.taken:
+            raise TrainingStopped(f"task {self.task} ({self.name}): {progress.skipped} of its "
+                                  f"{progress.skipped + progress.taken} steps had a non-finite loss or gradient and were "
+                                  "skipped, so it learned next to nothing; stopped without saving it (lower --lr, "
+                                  "--reward-scale or --guidance-scale)")
+
+
 class Run:
     """The bookkeeping of one run around rid.py's loop: the checkpoint it resumes from, the Accelerator and the fp16
-    grad scaler (one for the whole run, whatever optimizer each task has), the run's files, Progress (its log and
-    counters), the progress bar, trackers, checkpoints and stop requests. Only the main process writes."""
+    grad scaler (one for the whole run, whatever optimizer each task has), the run directory (its lock and files),
+    Progress (its log and counters), each task's TaskLog, checkpoints and stop requests. Only the main process
+    writes."""
 
     def __init__(self, args, new: bool):
         """Before the models are built: `new` says --out-dir holds no run yet (check_args). A --resume of a complete
@@ -166,8 +276,8 @@ class Run:
         self.is_main = self.accelerator.is_main_process
 
     def open(self, pipe, prompts: list[str], add_adapter) -> None:
-        """Once the models are built and torch is seeded: the checks that need the model, then (main process)
-        config.json and a tiny run's base/, then the checkpoint's state restored (add_adapter: rid.add_task_adapter)."""
+        """Once the models are built and torch is seeded: the checks that need the model, then the lock and (main
+        process) config.json, then the checkpoint's state restored (add_adapter: rid.add_task_adapter)."""
         self.unet = pipe.unet
         if self.checkpoint is not None:
             check_checkpoint(self.checkpoint, pipe.unet, self.args, self.out / CHECKPOINT)
@@ -177,7 +287,7 @@ class Run:
         signum = stop_requested(self.accelerator)
         if signum:  # SIGTERM or Ctrl-C while the models were built
             raise Interrupted(f"stopped by {signal.Signals(signum).name} before training; nothing was written", signum)
-        self.lock = self.take_lock()
+        self.lock = take_run_dir(self.accelerator, self.out, self.new)
         run_id = self.write_files() if self.is_main else None
         self.progress = Progress(self.out, torch.Generator().manual_seed(self.args.seed), run_id)  # same everywhere
         if self.checkpoint is not None:
@@ -186,27 +296,6 @@ class Run:
         elif self.args.resume and not self.new:
             self.accelerator.print(f"resuming {self.out}: it stopped before its first checkpoint, so it restarts from "
                                    "the top", file=sys.stderr)
-
-    def take_lock(self) -> TextIO | None:
-        """The main process locks OUT (lock_run_dir) and checks again, under the lock, that a new run's OUT is still
-        free (another run may have written it while the models were built); every process stops if it cannot."""
-        lock, refused = None, None
-        if self.is_main:
-            try:
-                lock = lock_run_dir(self.out)
-                if self.new and (self.out / "config.json").exists():
-                    raise UsageError(f"--out-dir {self.out} was taken by another run while the models were built; "
-                                     "choose another directory")
-            except UsageError as error:
-                refused = error
-        failed = self.accelerator.reduce(torch.tensor([float(refused is not None)], device=self.accelerator.device),
-                                         reduction="sum").item() if self.accelerator.num_processes > 1 else bool(refused)
-        if refused is not None:
-            raise refused
-        if failed:
-            raise UsageError(f"--out-dir {self.out}: the main process could not take the run directory (see its "
-                             "message)")
-        return lock
 
     def write_files(self) -> str | None:
         args = self.args
@@ -226,10 +315,10 @@ class Run:
     @contextlib.contextmanager
     def training(self):
         """Around the task loop: metrics.jsonl cut back to the checkpoint's lines and open, the trackers started; a
-        failed write says how to resume; at the end, where every output went."""
+        failed write says how to resume; at the end, the lock released and where every output went."""
         try:
             if self.is_main:
-                self.recover_log()
+                recover_log(self.out / "metrics.jsonl", self.progress)
             start_trackers(self.accelerator, self.args, self.out, first_step=self.progress.lines + 1)
             log = open(self.out / "metrics.jsonl", "a") if self.is_main else contextlib.nullcontext()
             with log as self.progress.log:
@@ -242,16 +331,6 @@ class Run:
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         self.accelerator.print(where_outputs_went(self.args, self.out))
-
-    def recover_log(self) -> None:
-        """metrics.jsonl cut back to the checkpoint's lines; if fewer survive (a damaged or deleted log), one line
-        says what is lost, and the log goes on from what is there: training itself is intact in the checkpoint."""
-        path, counted = self.out / "metrics.jsonl", self.progress.lines
-        kept = keep_lines(path, counted)
-        if kept < counted:
-            print(f"warning: {path} holds {kept} of the {counted} lines the checkpoint counts (damaged or deleted); "
-                  f"the metrics of steps {kept + 1}-{counted} are lost, the training state is intact", file=sys.stderr)
-            self.progress.lines = kept
 
     def tasks(self) -> list[tuple[int, str]]:
         """(task, reward name) from the checkpoint's task on: earlier tasks are done (their outputs were written before
@@ -272,70 +351,28 @@ class Run:
             self.progress.taken = self.progress.skipped = 0
             self.progress.spread = spread()
         self.teacher = teacher
+        self.log = TaskLog(self.args, self.progress, self.accelerator, task, name)
         return first, teacher, self.progress.spread
 
     def steps(self, first: int):
-        """The task's steps from `first` on, under a progress bar; each one timed for its metrics line."""
-        self.bar = tqdm(range(first, self.args.steps_per_task), desc=f"task {self.task} ({self.name})", initial=first,
-                        total=self.args.steps_per_task, dynamic_ncols=True, disable=not self.is_main)
-        self.recent_rewards = collections.deque(maxlen=self.args.log_every)  # rewards of the last --log-every steps
-        for self.step in self.bar:
-            self.started = time.perf_counter()
-            yield self.step
-        self.check_learned()
-
-    def check_learned(self) -> None:
-        """A task whose steps were mostly skipped (non-finite loss or gradient each time, yet never --max-bad-steps in
-        a row) learned nothing worth saving: it stops as a diverged run does, before its LoRA is written."""
-        progress = self.progress
-        if progress.skipped > progress.taken:
-            raise TrainingStopped(f"task {self.task} ({self.name}): {progress.skipped} of its "
-                                  f"{progress.skipped + progress.taken} steps had a non-finite loss or gradient and were "
-                                  "skipped, so it learned next to nothing; stopped without saving it (lower --lr, "
-                                  "--reward-scale or --guidance-scale)")
+        return self.log.steps(first)
 
     def after_step(self, metrics: dict) -> None:
-        """After each optimizer step: the bad-step streak, the metrics line (metrics.jsonl and the trackers), the
-        summary line every --log-every steps, a checkpoint every --checkpoint-every steps, and a stop request."""
-        args, progress, step = self.args, self.progress, self.step
-        self.count_bad_step(metrics)
-        metrics = {"task": self.task, "reward": self.name, "step": step, "lr": self.optimizer.param_groups[0]["lr"],
-                   "reward_spread": progress.spread, **metrics, "seconds": time.perf_counter() - self.started}
-        progress.log_line(json.dumps(metrics))
-        self.accelerator.log(tracker_metrics(metrics), step=progress.lines)  # the global step, as in the curves
-        self.recent_rewards.append(metrics["reward_mean"])
-        self.bar.set_postfix(reward=f"{metrics['reward_mean']:.4g}")
-        if progress.bad_streak >= args.max_bad_steps:
-            last = (f"the last good checkpoint ({progress.saved_at}) is intact in {progress.out / CHECKPOINT}"
-                    if progress.saved_at != "none yet" else "no checkpoint was written yet")
-            raise TrainingStopped(f"task {self.task} step {step}: {progress.bad_streak} steps in a row had a "
-                                  f"non-finite loss or gradient (--max-bad-steps {args.max_bad_steps}); stopped; "
-                                  f"{last}")
-        if (step + 1) % args.checkpoint_every == 0 and self.is_main:
-            self.checkpoint_at(self.task, step + 1)
-        if self.is_main and ((step + 1) % args.log_every == 0 or step + 1 == args.steps_per_task):
-            self.bar.write(summary(metrics, args, list(self.recent_rewards)))
+        """After each optimizer step: the task log (metrics line, trackers, summary line, bad-step streak), a
+        checkpoint every --checkpoint-every steps, and a stop request."""
+        self.log.record(metrics, self.optimizer.param_groups[0]["lr"])
+        if (self.log.step + 1) % self.args.checkpoint_every == 0 and self.is_main:
+            self.checkpoint_at(self.task, self.log.step + 1)
         self.stop_if_requested()
-
-    def count_bad_step(self, metrics: dict) -> None:
-        """A skipped step (non-finite loss or gradient) extends the streak and is warned about; a taken one ends it."""
-        if not metrics["skipped"]:
-            self.progress.bad_streak = 0
-            self.progress.taken += 1
-            return
-        self.progress.bad_streak += 1
-        self.progress.skipped += 1
-        if self.is_main:
-            tqdm.write(f"warning: task {self.task} step {self.step}: loss {metrics['loss']}, gradient norm "
-                       f"{metrics['grad_norm']}; update skipped ({self.progress.bad_streak} in a row)", file=sys.stderr)
 
     def stop_if_requested(self) -> None:
         """After a complete step, a SIGTERM or SIGINT checkpoints it, so that --resume continues exactly here."""
         signum = stop_requested(self.accelerator)
         if signum:
+            step = self.log.step + 1
             if self.is_main:
-                self.checkpoint_at(self.task, self.step + 1)
-            raise Interrupted(f"stopped by {signal.Signals(signum).name} after task {self.task}, step {self.step + 1}, "
+                self.checkpoint_at(self.task, step)
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} after task {self.task}, step {step}, "
                               f"checkpointed; rerun the same command with --resume to continue", signum)
 
     def checkpoint_at(self, task: int, step: int, inside_task: bool = True) -> None:
@@ -344,7 +381,7 @@ class Run:
                         self.teacher if inside_task else None)
 
     def task_end(self, images: torch.Tensor, prompts: list[str], lora: dict) -> None:
-        """After each task (main process): OUT/task{n}_{reward}/ with the LoRA file and samples.png (images
+        """After each task (main process): OUT/task{n}_{reward}/ with the LoRA files and samples.png (images
         (n, 2, 3, H, W): prompts without and with the adapters), the training curves so far, the grid to the
         trackers, and a checkpoint at the next task's start (which gets a fresh optimizer)."""
         args, out, task = self.args, self.out, self.task

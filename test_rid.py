@@ -1809,6 +1809,7 @@ def test_benchmark_measures_memory_before_the_timings_hold_gpu_memory(monkeypatc
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
+import runfiles
 lock = runfiles.lock_run_dir(Path(sys.argv[1]))
 print("locked", flush=True)
 time.sleep(600)
