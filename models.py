@@ -6,6 +6,7 @@ It may import the libraries and rewards.py (the tokenizer's vocabulary, the one-
 nothing else of the project: the method (rid.py) and the run's bookkeeping (runfiles, checks, session) build on it.
 """
 import contextlib
+import copy
 import json
 import shlex
 import tempfile
@@ -171,3 +172,23 @@ def lora_shapes(unet: UNet2DConditionModel, adapters: list[str], rank: int) -> d
                 shapes[f"{name}.lora_A.{adapter}.weight"] = (rank, module.in_features)
                 shapes[f"{name}.lora_B.{adapter}.weight"] = (module.out_features, rank)
     return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reward towers' place: one on the device at a time.
+
+@contextlib.contextmanager
+def scorer_on(scorer: torch.nn.Module, device: torch.device):
+    """The scorer on `device` for the block: a copy of it there, dropped afterwards, the scorer itself staying on the
+    CPU. So a GPU holds one reward tower at a time (aesthetic,hps,clip keep ViT-L and ViT-H, ~5.7 GB fp32), while
+    the CPU copies load once. On the CPU the scorer itself serves."""
+    if device.type == "cpu":
+        yield scorer
+        return
+    on_device = copy.deepcopy(scorer).to(device)
+    try:
+        yield on_device
+    finally:
+        del on_device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

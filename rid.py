@@ -5,10 +5,14 @@ backpropagating the reward through the last K DDIM steps (DRaFT-K / AlignProp), 
 that the model keeps what earlier tasks taught it and its visual structure:
 
     L = L_reward + lambda_out * L_out + lambda_feat * L_feat                                       (train_step)
-    L_reward = -s * mean_b r_n(x_0^b, c^b)        x_0 = decode(DDIM(x_T, c)), grads only in the last K steps
-    L_out    = mean_k || eps_S(x_t, t, c) - eps_T(x_t, t, c) ||^2                 at the K gradient steps
-    L_feat   = mean_k mean_l || h_S^l(x_t, t, c) - h_T^l(x_t, t, c) ||^2            (distillation_losses)
+    L_reward = -(s / sigma_n) * mean_b r_n(x_0^b, c^b)   x_0 = decode(DDIM(x_T, c)), grads only in the last K steps;
+               sigma_n = the reward's spread at the task's start                                 (reward_spread)
+    L_out    = mean_k || eps_S(sg(x_k), t_k, c) - eps_T(sg(x_k), t_k, c) ||^2                           (distil)
+    L_feat   = mean_k mean_l || h_S^l(sg(x_k), ...) - h_T^l(sg(x_k), ...) ||^2 / Var(h_T^l)  (distillation_losses)
     theta_T <- mu * theta_T + (1 - mu) * theta_S            after every optimizer step (ema_update)
+
+The distillation terms are a regression at the states x_k the sampler visits, taken as data (sg: stop-gradient):
+the K gradient steps' inputs, or with --distill-at trajectory one step drawn per batch from the whole DDIM chain.
 
 Each task trains a fresh LoRA adapter while earlier ones stay active and frozen (the adapter group); the teacher
 runs on the student's own UNet with its LoRA tensors swapped in (torch.func.functional_call), so it costs one copy
@@ -17,8 +21,9 @@ sequential reward fine-tuning, the baseline.
 
 The RIL/RID paper (arXiv 2411.17310) has no public code; everything more specific than its abstract (the loss
 terms, the EMA schedule, which features are distilled) is our reading, with every choice a flag below.
+C-LoRA's self-regularisation (--clora-weight) is there as the continual-learning baseline to compare with.
 
-    python rid.py --tiny --rewards aesthetic,hps        # tiny random models, CPU, 30-90 s (README: measured)
+    python rid.py --tiny --rewards aesthetic,hps        # the toy world's pretrained tiny models, CPU (README)
     python rid.py --rewards aesthetic,hps               # Stable Diffusion v1.5 on a GPU
     accelerate launch --multi_gpu --num_processes 4 rid.py --rewards aesthetic,hps --grad-accum 8   # data parallel
     python rid.py ... --resume                          # continue a killed run from its last checkpoint
@@ -125,7 +130,6 @@ if __name__ == "__main__":
     command_line.parse_or_exit("rid.py", parse_args, sys.argv[1:])  # parsed again by cli() below: a few milliseconds
 
 import contextlib  # noqa: E402  (the heavy imports: after the command line is parsed)
-import copy  # noqa: E402
 import math  # noqa: E402
 import warnings  # noqa: E402
 
@@ -138,7 +142,8 @@ from torch.func import functional_call  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from checks import check_args, check_model_args, exit_status, is_finite, read_prompts  # noqa: E402
-from models import LORA_TARGETS, WEIGHT_DTYPES, adapters_disabled, adapters_folded, load_pipeline  # noqa: E402
+from models import (LORA_TARGETS, WEIGHT_DTYPES, adapters_disabled, adapters_folded, load_pipeline,  # noqa: E402
+                    scorer_on)
 from session import Run, average_gradients, step_metrics, variance_noise  # noqa: E402
 from runfiles import reward_names  # noqa: E402
 from rewards import load_reward  # noqa: E402
@@ -194,23 +199,6 @@ def full_precision(device: torch.device):
     """IEEE fp32: autocast off, and no TF32 (ieee_flags)."""
     with backend_flags(ieee_flags()), torch.autocast(device.type, enabled=False):
         yield
-
-
-@contextlib.contextmanager
-def scorer_on(scorer: torch.nn.Module, device: torch.device):
-    """The scorer on `device` for the block: a copy of it there, dropped afterwards, the scorer itself staying on the
-    CPU. So a GPU holds one reward tower at a time (aesthetic,hps,clip keep ViT-L and ViT-H, ~5.7 GB fp32), while
-    the CPU copies load once. On the CPU the scorer itself serves."""
-    if device.type == "cpu":
-        yield scorer
-        return
-    on_device = copy.deepcopy(scorer).to(device)
-    try:
-        yield on_device
-    finally:
-        del on_device
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
 
 def score(scorer, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -42,6 +42,7 @@ import runfiles
 import session
 import rewards
 import rid
+import ril_benchmark
 import toyworld
 from rewards import OPENAI_MEAN, OPENAI_STD, TOWER_CONFIGS, TOY_TOWER, Aesthetic, MissingWeights, TextImageCosine, \
     centre_crop, clip_tower, letterbox, load_aesthetic_mlp, load_hps_weights, load_reward, normalise, seeded
@@ -1910,3 +1911,29 @@ def test_a_task_that_skipped_most_of_its_steps_exits_3_without_saving_it(tmp_pat
                        "skipped, so it learned next to nothing; stopped without saving it (lower --lr, --reward-scale "
                        "or --guidance-scale)")
     assert not (tmp_path / "task1_aesthetic").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the RIL benchmark (issue 18)
+
+@pytest.mark.slow
+def test_the_ril_benchmark_trains_evaluates_and_tabulates_each_method(tmp_path):
+    """The benchmark's machinery on 2 methods x 1 seed at 2 steps per task: each run trained with its flags and
+    evaluated, then the table, the JSON and the plot; a second call keeps the evaluated runs."""
+    opts = ril_benchmark.parse_args(["--out", str(tmp_path), "--methods", "plain,RID", "--seeds", "0",
+                                     "--rewards", "compressibility,aesthetic", "--steps-per-task", "2",
+                                     "--eval-seeds", "0"])
+    summary = ril_benchmark.main(opts)
+    assert set(summary) == {"plain", "RID"} and summary["plain"]["s/step vs plain"]["mean"] == 1
+    for method in ("plain", "RID"):
+        run = ril_benchmark.run_dir(opts, method, 0)
+        config = json.loads((run / "config.json").read_text())
+        assert config["shared_adapter"] == (method == "plain") and config["steps_per_task"] == 2
+        assert (config["lambda_out"] > 0) == (method == "RID")
+        assert len(summary[method]["gain_in_base_std"]) == 3  # base and two tasks
+    assert "| plain |" in (tmp_path / "ril.md").read_text() and (tmp_path / "ril.png").stat().st_size > 0
+    assert json.loads((tmp_path / "ril.json").read_text())["RID"]["seeds"] == 1
+    before = (ril_benchmark.run_dir(opts, "RID", 0) / "eval.json").stat().st_mtime_ns
+    ril_benchmark.main(opts)
+    assert (ril_benchmark.run_dir(opts, "RID", 0) / "eval.json").stat().st_mtime_ns == before
+    with pytest.raises(cli.UsageError, match="unknown method 'bogus'"):
+        ril_benchmark.parse_args(["--methods", "plain,bogus"])
