@@ -146,8 +146,8 @@ def check_model_path(args) -> None:
         try:
             index = json.loads((path / "model_index.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise UsageError(f"--model {args.model}: its model_index.json cannot be read as JSON ({error}); restore the "
-                             "directory (e.g. save_pretrained it again)") from None
+            raise UsageError(f"--model {args.model}: its model_index.json cannot be read as JSON ({error}); restore "
+                             "the directory (e.g. save_pretrained it again)") from None
         if not isinstance(index, dict) or "unet" not in index:
             raise UsageError(f"--model {args.model}: its model_index.json names no unet, so it is not a Stable "
                              "Diffusion pipeline; give one")

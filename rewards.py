@@ -232,9 +232,10 @@ def openai_vit_l14(tiny: bool) -> nn.Module:
     the toy world's tower of the same config, read from open_clip's own checkpoint layout by the same loader."""
     if tiny:
         return clip_tower(TOWER_CONFIGS["clip"], TOY_TOWER, pretrained=toy_file(OPENAI_TOWER))
+    # open_clip re-raises download errors as RuntimeError
     with fetching("OpenAI CLIP ViT-L/14 (open_clip ViT-L-14-quickgelu, pretrained='openai')",
-                  "pre-download it with `hf download timm/vit_large_patch14_clip_224.openai open_clip_model.safetensors` "
-                  "on a machine with network access", errors=(OSError, RuntimeError)):  # open_clip re-raises download errors as RuntimeError
+                  "pre-download it with `hf download timm/vit_large_patch14_clip_224.openai "
+                  "open_clip_model.safetensors` on a machine with network access", errors=(OSError, RuntimeError)):
         return clip_tower(TOWER_CONFIGS["clip"], pretrained="openai")
 
 

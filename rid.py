@@ -109,7 +109,7 @@ MODE_DEFAULTS = {
     "full": dict(model=SD15, steps_per_task=500, num_steps=50, batch_size=4, resolution=512, guidance_scale=7.5,
                  lr=4e-4, reward_scale=1.0, ema_decay=0.99),
     # The toy world's pretrained models (README, "Tiny mode": how each value was chosen).
-    "tiny": dict(model=TOY_MODEL, steps_per_task=20, num_steps=10, batch_size=2, resolution=32, guidance_scale=3.0,
+    "tiny": dict(model=TOY_MODEL, steps_per_task=20, num_steps=10, batch_size=2, resolution=32, guidance_scale=7.5,
                  lr=3e-3, reward_scale=1.0, ema_decay=0.9),
 }
 
@@ -297,7 +297,8 @@ def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generato
             eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb,
                                       layers if reuse else ())
             if teacher is not None and distill_step is None:
-                losses.append(distil(pipe.unet, x_in, t, text_emb, layers, teacher, args, (eps, feats) if reuse else None))
+                own_call = (eps, feats) if reuse else None
+                losses.append(distil(pipe.unet, x_in, t, text_emb, layers, teacher, args, own_call))
         x = ddim_step(pipe, eps, t, x, args, generator, process)
     if teacher is not None and visited is not None:
         x_t, t = visited

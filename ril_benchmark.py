@@ -42,8 +42,8 @@ METHODS = {
 class RILArgs:
     out: str = option("runs/ril", "the benchmark's directory: a run per method and seed, and the table and plot")
     rewards: str = option("aesthetic,compressibility,clip", "the task sequence (chosen before any RID result: "
-                          "compressibility rewards flat pictures, which undoes aesthetic's contrast and size; clip asks "
-                          "for the prompt back)")
+                          "compressibility rewards flat pictures, which undoes aesthetic's contrast and size; clip "
+                          "asks for the prompt back)")
     methods: str = option(",".join(METHODS), "methods to run, comma-separated (see METHODS)")
     seeds: str = option("0,1,2", "training seeds, comma-separated")
     steps_per_task: int | None = option(None, "optimizer steps per task (default: rid.py's tiny default)")

@@ -247,8 +247,8 @@ class TaskLog:
         progress = self.progress
         if progress.skipped > progress.taken:
             raise TrainingStopped(f"task {self.task} ({self.name}): {progress.skipped} of its "
-                                  f"{progress.skipped + progress.taken} steps had a non-finite loss or gradient and were "
-                                  "skipped, so it learned next to nothing; stopped without saving it (lower --lr, "
+                                  f"{progress.skipped + progress.taken} steps had a non-finite loss or gradient and "
+                                  "were skipped, so it learned next to nothing; stopped without saving it (lower --lr, "
                                   "--reward-scale or --guidance-scale)")
 
 
