@@ -110,7 +110,7 @@ MODE_DEFAULTS = {
                  lr=4e-4, reward_scale=1.0, ema_decay=0.99),
     # The toy world's pretrained models (README, "Tiny mode": how each value was chosen).
     "tiny": dict(model=TOY_MODEL, steps_per_task=20, num_steps=10, batch_size=2, resolution=32, guidance_scale=7.5,
-                 lr=3e-3, reward_scale=1.0, ema_decay=0.9),
+                 lr=5e-3, reward_scale=1.0, ema_decay=0.9),
 }
 
 
