@@ -30,12 +30,12 @@ METHODS = {
     "adapter group": dict(NO_DISTILLATION),                          # a fresh LoRA per task, earlier ones frozen
     "EMA distillation": dict(RID, shared_adapter=True),              # distillation alone, one shared adapter
     "RID": dict(RID),                                                # both
-    "RID, frozen teacher": dict(RID, ema_decay=1.0),                 # the task-start teacher (LwF-like)
-    "RID, trajectory": dict(RID, distill_at="trajectory"),           # distilled at a step drawn from the whole chain
-    "RID, mu 0.8": dict(RID, ema_decay=0.8),                         # the teacher's horizon: 5, 10, 33 steps
-    "RID, mu 0.97": dict(RID, ema_decay=0.97),
-    "RID, lambda x10": dict(RID, lambda_out=10.0, lambda_feat=10.0),  # how hard the teacher pulls
-    "RID, lambda x100": dict(RID, lambda_out=100.0, lambda_feat=100.0),
+    "RID frozen teacher": dict(RID, ema_decay=1.0),                 # the task-start teacher (LwF-like)
+    "RID trajectory": dict(RID, distill_at="trajectory"),           # distilled at a step drawn from the whole chain
+    "RID mu=0.8": dict(RID, ema_decay=0.8),                         # the teacher's horizon: 5, 10, 33 steps
+    "RID mu=0.97": dict(RID, ema_decay=0.97),
+    "RID lambda x10": dict(RID, lambda_out=10.0, lambda_feat=10.0),  # how hard the teacher pulls
+    "RID lambda x100": dict(RID, lambda_out=100.0, lambda_feat=100.0),
     # Smith et al. 2023's self-regularisation. Its weight: at 1 the penalty reached 4.5e-3 by the end of a 20-step
     # task; 1000 makes it a few units, the size of what L_reward moves in a task (in units of sigma).
     "C-LoRA": dict(NO_DISTILLATION, clora_weight=1e3),
@@ -75,7 +75,7 @@ def flags(settings: dict) -> list[str]:
 
 
 def run_dir(opts: RILArgs, method: str, seed: int) -> Path:
-    return Path(opts.out) / method.replace(", ", "_").replace(" ", "-") / f"seed{seed}"
+    return Path(opts.out) / method.replace(" ", "-").replace("=", "") / f"seed{seed}"
 
 
 def run_and_evaluate(opts: RILArgs, method: str, seed: int) -> Path:
