@@ -154,14 +154,17 @@ def table(summary: dict) -> str:
 
 def plot(summary: dict):
     """One panel per reward: its gain from base (base std) after each task, a line per method."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
     first = next(iter(summary.values()))
     rewards, rows = first["rewards"], first["rows"]
     fig = Figure(figsize=(5 * len(rewards), 4.5), dpi=110, layout="tight")
     axes = fig.subplots(1, len(rewards), squeeze=False)[0]
+    colours = colormaps["tab20"].colors  # 20 colours: one per method, where the default cycle repeats after 10
     for j, (ax, reward) in enumerate(zip(axes, rewards)):
-        for method, row in summary.items():
-            ax.plot(range(len(rows)), [g[j] for g in row["gain_in_base_std"]], marker="o", label=method)
+        for i, (method, row) in enumerate(summary.items()):
+            ax.plot(range(len(rows)), [g[j] for g in row["gain_in_base_std"]], marker="o", label=method,
+                    color=colours[2 * i % 20 + (2 * i // 20)], linestyle="-" if i % 2 == 0 else "--")
         ax.axvline(j + 1, color="grey", alpha=0.2, linewidth=8)
         ax.set(title=f"{reward} (band: its task)", ylabel="gain from base (base std), mean over seeds")
         ax.set_xticks(range(len(rows)), ["base", *[f"after {i}" for i in range(1, len(rows))]])
