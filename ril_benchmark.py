@@ -176,9 +176,13 @@ def plot(summary: dict):
 def main(opts: RILArgs) -> dict:
     seeds = [int(s) for s in opts.seeds.split(",")]
     methods = opts.methods.split(",")
-    with ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = {(m, s): pool.submit(run_and_evaluate, opts, m, s) for m in methods for s in seeds}
-        runs = {key: job.result() for key, job in jobs.items()}
+    todo = [(m, s) for m in methods for s in seeds if not (run_dir(opts, m, s) / "eval.json").is_file()]
+    if todo:  # runs already evaluated are kept, and need no worker
+        with ProcessPoolExecutor(min(opts.workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = [pool.submit(run_and_evaluate, opts, m, s) for m, s in todo]
+            for job in jobs:
+                job.result()
+    runs = {(m, s): run_dir(opts, m, s) for m in methods for s in seeds}
     results = {m: [json.loads((runs[m, s] / "eval.json").read_text()) for s in seeds] for m in methods}
     summary = summarise(results)
     out = Path(opts.out)

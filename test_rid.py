@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -398,7 +399,7 @@ def test_hps_loader_reads_the_released_layout(tmp_path):
 EVAL_PROMPTS = toyworld.world_prompts(toyworld.HELD_OUT[:6])  # combinations no model was trained on
 
 
-@pytest.fixture(scope="module", params=[0, 1], ids=["seed0", "seed1"])
+@pytest.fixture(scope="module", params=[0], ids=["seed0"])  # seeds 0-4 measured for the margins below
 def run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"run{request.param}")
     args = tiny_args(rewards="aesthetic,hps", out_dir=str(out), seed=request.param)
@@ -444,9 +445,10 @@ def test_saved_loras_reproduce_the_trained_model_and_the_rewards_rise(run):
     with torch.no_grad():
         rise_aesthetic = (aesthetic(score["task1_aesthetic"], EVAL_PROMPTS) - aesthetic(score["base"], EVAL_PROMPTS))
         rise_hps = (hps(score["task2_hps"], EVAL_PROMPTS) - hps(score["task1_aesthetic"], EVAL_PROMPTS))
-    # Margins: under half of the smallest rise measured over seeds 0-4, 0.0031 and 0.025 (README, "Tiny mode").
-    assert rise_aesthetic.mean() > 1e-3, rise_aesthetic
-    assert rise_hps.mean() > 1e-2, rise_hps
+    # Margins: under half of the smallest rise measured over seeds 0-4 with the tiny defaults on the toy world, 0.81
+    # (aesthetic, a 0-10 score: 0.81 to 1.19) and 0.0112 (hps, a cosine: 0.0112 to 0.079), by this test's protocol.
+    assert rise_aesthetic.mean() > 0.4, rise_aesthetic
+    assert rise_hps.mean() > 5e-3, rise_hps
 
 
 @pytest.mark.slow
@@ -1337,7 +1339,9 @@ def test_training_scores_the_clamped_pixels_that_sampling_shows():
     rid.train_step(pipe, lambda images, p: seen.append(images.detach()) or scorer(images, p), prompts, None, args,
                    torch.Generator().manual_seed(0))
     batch, x_T, _ = rid.draw_batch(pipe, prompts, args, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(seen[0], rid.generate(pipe, batch, x_T, args), rtol=0, atol=1e-6)
+    # 1e-5: training decodes one image at a time (rid.decode_with_grad), generate the batch at once; their
+    # convolutions round differently by a few float32 ulps (measured 2.8e-6); one 8-bit grey level is 4e-3
+    torch.testing.assert_close(seen[0], rid.generate(pipe, batch, x_T, args), rtol=0, atol=1e-5)
     with torch.no_grad():
         x0, _ = rid.sample_latents(pipe, x_T, rid.encode_prompts(pipe, batch), args, k=0)
         raw = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample / 2 + 0.5
@@ -1384,7 +1388,8 @@ def test_fp16_overflow_nan_and_shared_adapter_keep_training_with_one_grad_scaler
     assert len(ema_calls) == len(taken) and sum(line["task"] == 2 for line in taken) == 3
     task1 = [line["grad_norm"] for line in taken if line["task"] == 1]
     task2 = [line["grad_norm"] for line in taken if line["task"] == 2]
-    assert task1 and 0.1 < min(task2) / max(task1) and max(task2) / min(task1) < 10, (task1, task2)
+    # Unscaled twice or not at all, task 2's norms would be 2^16 times off; a task's own norms spread over 20x
+    assert task1 and 0.1 < statistics.median(task2) / statistics.median(task1) < 10, (task1, task2)
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert checkpoint["scaler"]["scale"] < 2.0 ** 16  # lowered by the overflows
     for saved, scale in ((checkpoint, checkpoint["scaler"]["scale"]), ({**checkpoint, "scaler": None}, 2.0 ** 16)):
@@ -1543,7 +1548,7 @@ def test_the_base_toy_model_draws_its_prompts():
     three in >= 50 % for held-out ones."""
     pipe = rid.load_pipeline(tiny_args(), torch.device("cpu"))
     judge = toyworld.load_judge(rewards.TOY_DIR / toyworld.JUDGE)
-    result = toyworld.fidelity(pipe, judge, rid.MODE_DEFAULTS["tiny"]["guidance_scale"], 40, seed=5)
+    result = toyworld.fidelity(pipe, judge, tiny_args().guidance_scale, 40, seed=5)
     seen, held_out = result["seen"], result["held_out"]
     assert min(seen["shape"], seen["colour"], seen["background"]) >= 0.9 and seen["all"] >= 0.75, result
     assert held_out["all"] >= 0.5, result
@@ -1554,9 +1559,9 @@ def test_pretraining_runs_end_to_end_and_writes_what_the_real_loaders_read(tmp_p
     """toyworld.py's one command at a few steps: both halves in their own processes, then the fidelity check; every
     file it writes is read back by rid.py's and rewards.py's loaders."""
     args = toyworld.PretrainArgs(out=str(tmp_path), vae_steps=2, unet_steps=2, tower_steps=2, judge_steps=2, bank=256,
-                                 eval_every=1, guidance_scales="2,3", fidelity_prompts=4)
+                                 eval_every=1, guidance_scales="3", fidelity_prompts=4)
     report = toyworld.pretrain(args)
-    assert set(report["fidelity"]) == {"2.0", "3.0"} and report["guidance_scale"] in (2.0, 3.0)
+    assert set(report["fidelity"]) == {"3.0"} and report["guidance_scale"] == 3.0
     assert json.loads((tmp_path / toyworld.REPORT).read_text())["runs"][-1]["args"]["unet_steps"] == 2
     monkeypatch.setattr(rewards, "TOY_DIR", tmp_path)
     rewards.openai_vit_l14.cache_clear()
