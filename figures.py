@@ -188,7 +188,7 @@ def legend_entries(axes) -> tuple[list, list[str]]:
 def training_curves(lines: list[dict], grad_clip: float | None = None) -> Figure:
     """metrics.jsonl lines -> a figure against the global optimizer step g (1, 2, ... over all tasks).
     Top, one column of panels per task, since each reward has its own scale: reward_mean with a band of +- reward_std
-    over the batch, and the total loss L with L_reward = -s mean r (linear: they can be negative).
+    over the batch, and the total loss L with L_reward = -(s / sigma) mean r (linear: they can be negative).
     Below, full width, task boundaries dashed and labelled at the top: the raw distillation terms L_out and L_feat (log
     scale when they span two decades; exact zeros, e.g. at a task's first step where teacher = student, marked on the
     bottom edge); the gradient norm before clipping, with --grad-clip; K. Skipped steps (non-finite loss or gradient)
@@ -209,7 +209,7 @@ def training_curves(lines: list[dict], grad_clip: float | None = None) -> Figure
         rewards.plot(steps, mean, marker=".", label="batch mean")
         rewards.set(title=label, ylabel=f"reward ({task_lines[0]['reward']})")
         plot_terms(losses, [segment], {"loss": dict(label="L (total)", linewidth=4, alpha=0.4),
-                                       "loss_reward": dict(label="L_reward\n= -s mean r")}, log_if_spread=False)
+                                       "loss_reward": dict(label="L_reward\n= -(s/σ) mean r")}, log_if_spread=False)
         losses.set(ylabel="loss", xlabel="optimizer step (all tasks)")
         for ax in (rewards, losses):
             mark_tasks_and_skips(ax, [], [g for g in skipped if g in steps])

@@ -562,6 +562,12 @@ def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> fl
     return spread if math.isfinite(spread) and spread > 1e-12 else 1.0
 
 
+def sample_prompts(prompts: list[str]) -> list[str]:
+    """The 4 prompts samples.png shows: spread over the list (the toy world's seen captions are listed shape by shape
+    and colour by colour, so the first four would all be red circles)."""
+    return prompts[::max(1, len(prompts) // 4)][:4]
+
+
 def samples(pipe, prompts: list[str], args: Args) -> torch.Tensor:
     """What each task's samples.png shows: the prompts from fixed x_T (seeded with --seed) without the LoRA adapters
     (the base model) and with them, (n, 2, 3, H, W)."""
@@ -597,7 +603,8 @@ def main(args: Args) -> StableDiffusionPipeline | None:
             with scorer_on(scorers[name], device) as scorer:  # only this task's reward tower on the device
                 train_task(pipe, scorer, prompts, params, args, task, name, run)
             if run.is_main:
-                run.task_end(samples(pipe, prompts[:4], args), prompts[:4], lora_state_dict(pipe.unet))
+                shown = sample_prompts(prompts)
+                run.task_end(samples(pipe, shown, args), shown, lora_state_dict(pipe.unet))
     return pipe
 
 

@@ -485,7 +485,7 @@ def test_samples_show_the_model_without_adapters_beside_the_trained_one(run):
     the trained state exactly: outputs, active adapters and which LoRA tensors train (PEFT's enable_adapters alone
     would make the frozen task-1 adapter trainable again)."""
     args, trained, out = run
-    unet, prompts = trained.unet, checks.read_prompts(None, tiny=True)[:4]
+    unet, prompts = trained.unet, rid.sample_prompts(checks.read_prompts(None, tiny=True))
     unet.set_adapters(["task1", "task2"])
     for name, p in unet.named_parameters():
         p.requires_grad_(".task2." in name)  # as at the end of training: task 2 trainable, task 1 and the UNet frozen
