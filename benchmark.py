@@ -43,6 +43,9 @@ class BenchmarkArgs:
     repeats: int = field(default=3, metadata={"help": "timed rounds (the median is reported)"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
     json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})
+    decode: bool = field(default=False, metadata={
+        "help": "measure only the decode with gradients instead: rid.py's (one activation checkpoint per image) against "
+                "one checkpoint over the batch (the minimal loop's) and none, peak memory and seconds"})
     flops: bool = field(default=False, metadata={
         "help": "count the FLOPs of one step's parts instead (torch's FlopCounterMode on the meta device: no "
                 "weights, no time) and where each runs under rid.py's precision policy"})
@@ -304,6 +307,59 @@ def benchmark_tables(result: dict) -> str:
                         f"off / off at K={first}"], memory_rows)])
 
 
+DECODES = {"none": lambda vae, z: rid.decode(vae, z),
+           "one checkpoint over the batch": lambda vae, z: checkpoint(rid.decode, vae, z, use_reentrant=False),
+           "one checkpoint per image (rid.py)": lambda vae, z: rid.decode_with_grad(vae, z, True)}
+
+
+def decode_step(opts: BenchmarkArgs, mode: str):
+    """The VAE of the model (random weights with --random-weights), and one decode with gradients and its backward
+    in `mode` (DECODES), at --resolution and --batch-size, in fp32."""
+    args = bench_args(opts, "rid", 1)
+    pipe = rid.load_pipeline(args, torch.device(opts.device or "cpu"))
+    side = args.resolution // pipe.vae_scale_factor
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(args.batch_size, 4, side, side, generator=generator).to(pipe.device)
+    weights = torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=generator).to(pipe.device)
+
+    def step():
+        latents = z.clone().requires_grad_(True)
+        images = DECODES[mode](pipe.vae, latents)
+        with rid.full_precision(pipe.device):
+            (images * weights).sum().backward()
+    return step
+
+
+def decode_memory(opts: BenchmarkArgs, mode: str) -> int:
+    """Peak memory in bytes of one decode step above what is held before it, after a warm-up step, as
+    peak_training_memory measures a training step (run in a fresh process)."""
+    step = decode_step(opts, mode)
+    step()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = resident_kib("VmRSS") * 1024
+    step()
+    return resident_kib("VmHWM") * 1024 - before
+
+
+def decode_figures(opts: BenchmarkArgs) -> dict:
+    """Each decode's peak memory (a fresh process each, as peak_memories) and seconds (medians of --repeats rounds,
+    interleaved, after a warm-up round), for --resolution and --batch-size."""
+    memory = {}
+    for mode in DECODES:
+        with child_environment(MALLOC_MMAP_THRESHOLD_="65536"), \
+                ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            memory[mode] = pool.submit(decode_memory, opts, mode).result()
+    steps = {mode: decode_step(opts, mode) for mode in DECODES}
+    seconds = {mode: [] for mode in DECODES}
+    for round_ in range(1 + opts.repeats):
+        for mode, step in steps.items():
+            elapsed = synchronized_seconds(step, torch.device(opts.device or "cpu"))
+            if round_ > 0:
+                seconds[mode].append(elapsed)
+    return {mode: {"peak_mib": mib(memory[mode]), "seconds": statistics.median(seconds[mode])} for mode in DECODES}
+
+
 def forward_flops(fn) -> tuple[float, float]:
     """(convolution, matmul) FLOPs of fn() on the meta device."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -366,6 +422,11 @@ def flop_table(result: dict) -> str:
 
 def benchmark(opts: BenchmarkArgs) -> dict:
     """Run the benchmark; print its tables (and write --json). Returns every number."""
+    if opts.decode:
+        result = decode_figures(opts)
+        print(markdown_table(["decode with gradients", "peak MiB", "seconds"],
+                             [[mode, r["peak_mib"], r["seconds"]] for mode, r in result.items()]))
+        return result
     if opts.flops:
         result = flop_counts(opts)
         print(flop_table(result))

@@ -369,7 +369,7 @@ def check_world_size(processes: int) -> None:
 
 class DropLibraryNoise(logging.Filter):
     """Library warnings that would repeat what warn_long_prompts says once per prompt (diffusers repeats a truncated
-    prompt's tail on every encode). Installed on their loggers when plumbing is imported. (diffusers' "should be kept in
+    prompt's tail on every encode). Installed on their loggers when checks.py is imported. (diffusers' "should be kept in
     float32: []" is avoided at its source instead, in load_pipeline.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
