@@ -6,7 +6,7 @@ clamps: gradients must flow from the reward back to the pixels, and from there t
 denoising steps into the LoRA weights. Scorers are frozen (`requires_grad=False`) and in eval mode.
 
 `load_reward(name, device, tiny)` builds one by name. With `tiny=True` the same classes are built around the toy
-world's towers (toyworld.py trains them on its pictures): the same open_clip configs at toy sizes (`clip_tower`),
+world's towers (pretrain_toy.py trains them on its pictures): the same open_clip configs at toy sizes (`clip_tower`),
 their weights in toy/ in the layouts of the released files, read by the same loaders. Only sizes and weights differ
 from the real models. Callers score in fp32 with autocast off (rid.score), in training and evaluation alike.
 
@@ -171,7 +171,7 @@ def seeded(seed: int):
 # plain "ViT-L-14" config builds nn.GELU and only warns when it loads them, so the aesthetic MLP would score
 # embeddings it was never trained on. HPSv2.1 was trained from open_clip's ViT-H-14, which is GELU.
 TOWER_CONFIGS = {"aesthetic": "ViT-L-14-quickgelu", "clip": "ViT-L-14-quickgelu", "hps": "ViT-H-14"}
-# The toy world's towers (toyworld.py trains them on its pictures): the same configs (activation, block layout) with
+# The toy world's towers (pretrain_toy.py trains them on its pictures): the same configs (activation, block layout) with
 # only these sizes replaced, and the files their weights are in, each in the layout of its released counterpart.
 TOY_TOWER = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 16,
                                              "patch_size": 4},
@@ -222,7 +222,7 @@ def toy_file(name: str) -> str:
     path = TOY_DIR / name
     if not path.is_file():
         raise MissingWeights(f"cannot load the toy model {path} (no such file); restore toy/ from git, or retrain it "
-                             "with `python toyworld.py`")
+                             "with `python pretrain_toy.py`")
     return str(path)
 
 

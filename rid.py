@@ -38,7 +38,7 @@ import cli as command_line  # rid.cli is the function at the end
 from cli import option
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-TOY_MODEL = str(Path(__file__).resolve().with_name("toy") / "pipeline")  # the toy world's pipeline (toyworld.py)
+TOY_MODEL = str(Path(__file__).resolve().with_name("toy") / "pipeline")  # the toy world's pipeline (pretrain_toy.py)
 REWARD_NAMES = ("aesthetic", "hps", "clip", "compressibility")  # rewards.REWARDS, which needs open_clip (a test checks)
 
 

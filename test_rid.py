@@ -44,6 +44,7 @@ import session
 import rewards
 import rid
 import ril_benchmark
+import pretrain_toy
 import toyworld
 from rewards import OPENAI_MEAN, OPENAI_STD, TOWER_CONFIGS, TOY_TOWER, Aesthetic, MissingWeights, TextImageCosine, \
     centre_crop, clip_tower, letterbox, load_aesthetic_mlp, load_hps_weights, load_reward, normalise, seeded
@@ -1548,7 +1549,7 @@ def test_the_base_toy_model_draws_its_prompts():
     three in >= 50 % for held-out ones."""
     pipe = rid.load_pipeline(tiny_args(), torch.device("cpu"))
     judge = toyworld.load_judge(rewards.TOY_DIR / toyworld.JUDGE)
-    result = toyworld.fidelity(pipe, judge, tiny_args().guidance_scale, 40, seed=5)
+    result = pretrain_toy.fidelity(pipe, judge, tiny_args().guidance_scale, 40, seed=5)
     seen, held_out = result["seen"], result["held_out"]
     assert min(seen["shape"], seen["colour"], seen["background"]) >= 0.9 and seen["all"] >= 0.75, result
     assert held_out["all"] >= 0.5, result
@@ -1556,13 +1557,13 @@ def test_the_base_toy_model_draws_its_prompts():
 
 @pytest.mark.slow
 def test_pretraining_runs_end_to_end_and_writes_what_the_real_loaders_read(tmp_path, monkeypatch):
-    """toyworld.py's one command at a few steps: both halves in their own processes, then the fidelity check; every
+    """pretrain_toy.py's one command at a few steps: both halves in their own processes, then the fidelity check; every
     file it writes is read back by rid.py's and rewards.py's loaders."""
-    args = toyworld.PretrainArgs(out=str(tmp_path), vae_steps=2, unet_steps=2, tower_steps=2, judge_steps=2, bank=256,
+    args = pretrain_toy.PretrainArgs(out=str(tmp_path), vae_steps=2, unet_steps=2, tower_steps=2, judge_steps=2, bank=256,
                                  eval_every=1, guidance_scales="3", fidelity_prompts=4)
-    report = toyworld.pretrain(args)
+    report = pretrain_toy.pretrain(args)
     assert set(report["fidelity"]) == {"3.0"} and report["guidance_scale"] == 3.0
-    assert json.loads((tmp_path / toyworld.REPORT).read_text())["runs"][-1]["args"]["unet_steps"] == 2
+    assert json.loads((tmp_path / pretrain_toy.REPORT).read_text())["runs"][-1]["args"]["unet_steps"] == 2
     monkeypatch.setattr(rewards, "TOY_DIR", tmp_path)
     rewards.openai_vit_l14.cache_clear()
     try:
@@ -1571,8 +1572,8 @@ def test_pretraining_runs_end_to_end_and_writes_what_the_real_loaders_read(tmp_p
             assert torch.isfinite(load_reward(name, "cpu", tiny=True)(images, EVAL_PROMPTS[:2])).all()
     finally:
         rewards.openai_vit_l14.cache_clear()
-    pipe = rid.load_pipeline(tiny_args(model=str(tmp_path / toyworld.PIPELINE)), torch.device("cpu"))
-    assert pipe.tokenizer.model_max_length == toyworld.TOKENS and pipe.vae.config.scaling_factor > 0
+    pipe = rid.load_pipeline(tiny_args(model=str(tmp_path / pretrain_toy.PIPELINE)), torch.device("cpu"))
+    assert pipe.tokenizer.model_max_length == pretrain_toy.TOKENS and pipe.vae.config.scaling_factor > 0
 
 
 # --------------------------------------------------------------------------------------------- distillation (issue 19)
