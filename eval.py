@@ -68,6 +68,8 @@ import rid  # noqa: E402
 import toyworld  # noqa: E402
 from rewards import MissingWeights, load_reward, toy_file  # noqa: E402
 
+MAX_BOOTSTRAP = 100_000  # resamples: about 0.2 ms each on a 2-row toy run, and every draw is kept for the percentiles
+
 # Held out: none of these is among rid.py's training prompts.
 EVAL_PROMPTS = [
     "a rabbit in a vegetable garden", "a steam train crossing a viaduct", "a snowy village at night",
@@ -117,11 +119,16 @@ def eval_settings(opts: EvalArgs) -> tuple[list[str] | None, list[int], list[str
     checked before any work starts."""
     if opts.num_prompts is not None and opts.num_prompts <= 0 or opts.batch_size <= 0 or opts.bootstrap <= 0:
         raise checks.UsageError("--num-prompts, --batch-size and --bootstrap must be positive integers")
+    if opts.bootstrap > MAX_BOOTSTRAP:
+        raise checks.UsageError(f"--bootstrap {opts.bootstrap}: each resample costs time and memory, give at most "
+                                f"{MAX_BOOTSTRAP} (the default is 1000)")
     prompts = rid.read_prompts(opts.prompts)[:opts.num_prompts] if opts.prompts else None
     try:
         seeds = [int(seed) for seed in opts.seeds.split(",")]
     except ValueError:
         raise checks.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {opts.seeds!r}") from None
+    if not all(0 <= seed < 2 ** 63 for seed in seeds):
+        raise checks.UsageError(f"--seeds must each be in [0, 2^63), as rid.py's --seed; got {opts.seeds}")
     n_prompts = len(prompts) if prompts is not None else opts.num_prompts or len(EVAL_PROMPTS)
     if n_prompts * len(seeds) < 2:
         raise checks.UsageError("one prompt with one seed gives one image per model, and gains are in units of the "
