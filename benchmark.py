@@ -212,7 +212,7 @@ def peak_training_memory(opts: BenchmarkArgs, k: int, checkpointing: bool) -> in
     torch.cuda.max_memory_allocated. On CPU: the kernel's peak resident set size (VmHWM), reset before the step by
     writing 5 to /proc/self/clear_refs; peak_memories runs this in a fresh process whose malloc returns every large
     block to the kernel when it is freed, so that resident memory follows the live tensors. None if out of memory."""
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = checks.check_device(opts.device)
     pipe, params, scorer, optimizer = bench_setup(opts, device)
     args = bench_args(opts, "rid", k, checkpointing)
     teacher, generator = rid.new_teacher(params, args), torch.Generator().manual_seed(0)
@@ -316,7 +316,7 @@ def decode_step(opts: BenchmarkArgs, mode: str):
     """The VAE of the model (random weights with --random-weights), and one decode with gradients and its backward
     in `mode` (DECODES), at --resolution and --batch-size, in fp32."""
     args = bench_args(opts, "rid", 1)
-    pipe = rid.load_pipeline(args, torch.device(opts.device or "cpu"))
+    pipe = rid.load_pipeline(args, checks.check_device(opts.device))
     side = args.resolution // pipe.vae_scale_factor
     generator = torch.Generator().manual_seed(0)
     z = torch.randn(args.batch_size, 4, side, side, generator=generator).to(pipe.device)
@@ -354,7 +354,7 @@ def decode_figures(opts: BenchmarkArgs) -> dict:
     seconds = {mode: [] for mode in DECODES}
     for round_ in range(1 + opts.repeats):
         for mode, step in steps.items():
-            elapsed = synchronized_seconds(step, torch.device(opts.device or "cpu"))
+            elapsed = synchronized_seconds(step, checks.check_device(opts.device))
             if round_ > 0:
                 seconds[mode].append(elapsed)
     return {mode: {"peak_mib": mib(memory[mode]), "seconds": statistics.median(seconds[mode])} for mode in DECODES}
@@ -421,38 +421,38 @@ def flop_table(result: dict) -> str:
 
 
 def benchmark(opts: BenchmarkArgs) -> dict:
-    """Run the benchmark; print its tables (and write --json). Returns every number."""
+    """Run the benchmark; print its tables (and write --json). Returns every number. Every flag is checked first."""
+    args = bench_args(opts, "rid", 1)
+    t = args.num_steps
+    for name in ("resolution", "num_steps", "batch_size", "repeats"):
+        value = getattr(opts, name) if name == "repeats" else getattr(args, name)
+        if not 0 < value < checks.COUNT_LIMIT:
+            raise checks.UsageError(f"--{name.replace('_', '-')} must be a positive integer below 2^31, got {value}")
+    ks = [int(k) for k in opts.ks.split(",") if k.strip().isdigit()]
+    if len(ks) != len(opts.ks.split(",")) or not all(1 <= k <= t for k in ks):
+        raise checks.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), got "
+                                f"{opts.ks!r}")
+    device = checks.check_device(opts.device)
+    if opts.json:
+        checks.check_output_file(Path(opts.json), "--json")
     if opts.decode:
         result = decode_figures(opts)
         print(markdown_table(["decode with gradients", "peak MiB", "seconds"],
                              [[mode, r["peak_mib"], r["seconds"]] for mode, r in result.items()]))
-        return result
-    if opts.flops:
+    elif opts.flops:
         result = flop_counts(opts)
         print(flop_table(result))
-        if opts.json:
-            runfiles.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
-        return result
-    args = bench_args(opts, "rid", 1)
-    t = args.num_steps
-    for name in ("resolution", "num_steps", "batch_size"):
-        if not 0 < getattr(args, name) < checks.COUNT_LIMIT:
-            raise checks.UsageError(f"--{name.replace('_', '-')} must be a positive integer below 2^31, got "
-                                      f"{getattr(args, name)}")
-    ks = [int(k) for k in opts.ks.split(",") if k.strip().isdigit()]
-    if len(ks) != len(opts.ks.split(",")) or not all(1 <= k <= t for k in ks) or opts.repeats <= 0:
-        raise checks.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), and "
-                                  f"--repeats positive; got --ks {opts.ks} --repeats {opts.repeats}")
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = "toy world" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    # Memory first: each configuration runs in a fresh process, and would find the GPU memory that this process's
-    # caching allocator keeps after the timing runs taken (the timings need no memory of their own).
-    memory = peak_memories(opts, ks)
-    result = {"model": model, "device": where, "resolution": args.resolution, "batch_size": args.batch_size,
-              "num_steps": t, "ks": ks, "reward": opts.reward, "repeats": opts.repeats,
-              "precision": opts.mixed_precision, "peak_memory_bytes": memory, "seconds": step_times(opts, ks, device)}
-    print(benchmark_tables(result))
+    else:
+        model = "toy world" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        # Memory first: each configuration runs in a fresh process, and would find the GPU memory that this process's
+        # caching allocator keeps after the timing runs taken (the timings need no memory of their own).
+        memory = peak_memories(opts, ks)
+        result = {"model": model, "device": where, "resolution": args.resolution, "batch_size": args.batch_size,
+                  "num_steps": t, "ks": ks, "reward": opts.reward, "repeats": opts.repeats,
+                  "precision": opts.mixed_precision, "peak_memory_bytes": memory,
+                  "seconds": step_times(opts, ks, device)}
+        print(benchmark_tables(result))
     if opts.json:
         runfiles.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
     return result

@@ -58,6 +58,7 @@ def read_prompts(path: str | None, tiny: bool = False) -> list[str]:
     Without a file: DEFAULT_PROMPTS, or in tiny mode the captions of the toy world's seen combinations."""
     if path is None:
         return toyworld.world_prompts(toyworld.SEEN) if tiny else DEFAULT_PROMPTS
+    check_name_lengths(Path(path), "--prompts", written=False)
     if Path(path).is_dir():
         raise UsageError(f"--prompts {path}: is a directory; give a text file with one prompt a line")
     if Path(path).exists() and not Path(path).is_file():
@@ -97,9 +98,9 @@ NUMBER_RANGES = {
     "reward_scale": (lambda v: 0 < v <= 1e6, "in (0, 1e6] (0 trains nothing, a negative scale minimises the reward, "
                                              "beyond 1e6 the loss overflows fp16 and swamps distillation)"),
     "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "lambda_out": (lambda v: v >= 0, ">= 0"),
-    "lambda_feat": (lambda v: v >= 0, ">= 0"),
-    "clora_weight": (lambda v: v >= 0, ">= 0"),
+    "lambda_out": (lambda v: 0 <= v <= 1e6, "in [0, 1e6] (beyond, the reward no longer counts and fp16 overflows)"),
+    "lambda_feat": (lambda v: 0 <= v <= 1e6, "in [0, 1e6] (beyond, the reward no longer counts and fp16 overflows)"),
+    "clora_weight": (lambda v: 0 <= v <= 1e6, "in [0, 1e6] (beyond, the reward no longer counts and fp16 overflows)"),
 }
 
 
@@ -120,6 +121,9 @@ def check_numbers(args) -> None:
         value = getattr(args, name)
         if not (math.isfinite(value) and within(value)):
             raise UsageError(f"{flag(name)} must be a finite number{' ' * bool(condition)}{condition}, got {value}")
+    if args.lr * args.weight_decay >= 1:
+        raise UsageError(f"--weight-decay {args.weight_decay} with --lr {args.lr}: AdamW multiplies every weight by "
+                         "1 - lr x weight decay each step, which must stay above 0; lower one of them")
 
 
 def check_feat_layer_names(args) -> None:
@@ -135,6 +139,7 @@ def check_model_path(args) -> None:
     if args.random_weights:
         return
     path = Path(args.model).expanduser()
+    check_name_lengths(path, "--model", written=False)
     looks_like_path = args.model.startswith(("/", ".", "~")) or args.model.count("/") > 1  # hub ids: "org/name"
     if not path.exists() and looks_like_path:
         raise UsageError(f"--model {args.model}: no such directory; give a diffusers pipeline directory (it holds "
@@ -166,17 +171,50 @@ def check_writable(out: Path) -> None:
                          "directory") from None
 
 
-def check_name_lengths(path: Path, option: str) -> None:
-    """Every component of `path`, and the longest name a run writes inside it, fit the file system's name limit
-    (usually 255 bytes): otherwise the first write fails with ENAMETOOLONG deep inside a library."""
+def check_name_lengths(path: Path, option: str, written: bool = True) -> None:
+    """Every component of `path` fits the file system's name limit (usually 255 bytes), with room for the .tmp
+    suffix of an atomic write if the path is `written`: otherwise the first stat or write fails with ENAMETOOLONG
+    deep inside a library."""
     parents = path.absolute().parents  # the path itself cannot be stat'ed if one of its names is too long
     limit = os.pathconf(next(p for p in parents if all(len(os.fsencode(q)) < 256 for q in p.parts) and p.exists()),
                         "PC_NAME_MAX")
+    room = len(".tmp") if written else 0
     for part in path.parts:
-        if len(os.fsencode(part)) + len(".tmp") > limit:
+        if len(os.fsencode(part)) + room > limit:
             raise UsageError(f"{option} {str(path)[:60]}...: the name {part[:20]}... is {len(os.fsencode(part))} "
-                             f"bytes long, and this file system allows {limit} (with room for a .tmp suffix); "
-                             "give a shorter path")
+                             f"bytes long, and this file system allows {limit}"
+                             f"{' (with room for a .tmp suffix)' * written}; give a shorter path")
+
+
+def check_output_file(path: Path, option: str) -> None:
+    """A file a program writes at its end (benchmark.py --json) can be written: checked before the work."""
+    check_name_lengths(path, option)
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory; give a file path")
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{option} {path} is a symbolic link to {os.readlink(path)}, which does not exist; give "
+                         "another path")
+    if not path.absolute().parent.is_dir():
+        raise UsageError(f"{option} {path}: no directory {path.absolute().parent}; create it or give another path")
+    try:
+        tempfile.TemporaryFile(dir=path.absolute().parent).close()
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot write in {path.absolute().parent} ({error.strerror}); choose a "
+                         "writable directory") from None
+
+
+def check_device(name: str | None) -> torch.device:
+    """--device as a torch device that exists here (default: cuda if available, else cpu)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); give cpu, "
+                         "or a GPU that exists")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: this program runs on cpu or cuda")
+    return device
 
 
 def check_out_dir(args) -> bool:

@@ -87,6 +87,7 @@ def default_prompts(args: rid.Args, num_prompts: int | None) -> list[str]:
 
 def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     """The run's resolved rid.Args and its task directories (task{i}_{name}), checked to be complete."""
+    checks.check_name_lengths(run, "run directory", written=False)
     if not (run / "config.json").is_file():
         raise checks.UsageError(f"{run}: no config.json; give a run directory written by rid.py")
     args = rid.resolve(rid.Args(**runfiles.read_config(run / "config.json", rid.Args)))
@@ -135,22 +136,8 @@ def eval_settings(opts: EvalArgs) -> tuple[list[str] | None, list[int], list[str
                                   "base images' standard deviation: give at least two prompts or seeds")
     extra = [name.strip() for name in opts.extra_rewards.split(",") if name.strip()]
     checks.check_reward_names(extra, "--extra-rewards")
-    eval_device(opts)
+    checks.check_device(opts.device)
     return prompts, seeds, extra
-
-
-def eval_device(opts: EvalArgs) -> torch.device:
-    """--device as a torch device that exists here (default: cuda if available, else cpu)."""
-    try:
-        device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise checks.UsageError(f"--device {opts.device!r} is not a torch device; give cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise checks.UsageError(f"--device {opts.device}: this machine has {torch.cuda.device_count()} CUDA "
-                                  "device(s); give cpu, or a GPU that exists")
-    if device.type not in ("cpu", "cuda"):
-        raise checks.UsageError(f"--device {opts.device}: eval.py runs on cpu or cuda")
-    return device
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,7 +377,7 @@ def evaluate(run: Path, prompts: list[str] | None, seeds: list[int], extra: list
     prompts = prompts or default_prompts(args, opts.num_prompts)
     task_rewards = rid.reward_names(args)
     columns = list(dict.fromkeys(task_rewards + extra))
-    device = eval_device(opts)
+    device = checks.check_device(opts.device)
     pipe = rid.load_pipeline(args, device)
     checks.warn_long_prompts(pipe.tokenizer, prompts)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
@@ -436,6 +423,7 @@ EVAL_KEYS = ("rewards", "reward_matrix", "final_average_reward", "final_average_
 
 def read_eval(run: Path) -> dict:
     """A run's eval.json, checked to hold what --compare reads; a damaged one is one line."""
+    checks.check_name_lengths(run, "--compare", written=False)
     if not (run / "eval.json").is_file():
         raise checks.UsageError(f"{run}: no eval.json; run `python eval.py {run}` first")
     try:

@@ -544,6 +544,8 @@ BAD_INPUTS = {
                                                  "attached: --lr=-inf)"),
     "huge rank": (["--lora-rank", str(10 ** 30)], "--lora-rank must be a positive integer below 2^31"),
     "huge grad accum": (["--grad-accum", str(10 ** 30)], "--grad-accum must be a positive integer below 2^31"),
+    "huge distillation weight": (["--lambda-out", "1e30"], "--lambda-out must be a finite number in [0, 1e6]"),
+    "weight decay beyond 1 / lr": (["--lr", "0.01", "--weight-decay", "100"], "--weight-decay 100.0 with --lr 0.01"),
     "huge log every": (["--log-every", str(10 ** 30)], "--log-every must be a positive integer below 2^31"),
     "prompts a directory": (["--prompts", "{t}"], "is a directory"),
     "prompts a FIFO": (["--prompts", "{t}/fifo"], "not a regular file (a FIFO"),
@@ -551,6 +553,8 @@ BAD_INPUTS = {
                                                       "as UTF-8, e.g. `iconv -f utf-16"),
     "out-dir a dangling symlink": (["--out-dir", "{t}/dangling"], "is a symbolic link to"),
     "out-dir name too long": (["--out-dir", "{t}/" + "n" * 300], "bytes long, and this file system allows"),
+    "model name too long": (["--model", "{t}/" + "n" * 300], "bytes long, and this file system allows"),
+    "prompts name too long": (["--prompts", "{t}/" + "n" * 300], "bytes long, and this file system allows"),
     "model with a broken model_index.json": (["--model", "{t}/broken_model"], "model_index.json cannot be read as "
                                                                              "JSON"),
     "resume, checkpoint of random bytes": (["--out-dir", "{t}/random_checkpoint", "--resume"], "cannot be read as a "
@@ -565,7 +569,7 @@ BAD_INPUTS = {
     "inf lr": (["--lr", "inf"], "--lr must be a finite number in (0, 1]"),
     "nan weight decay": (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
     "nan guidance": (["--guidance-scale", "nan"], "--guidance-scale must be a finite number in [0, 100]"),
-    "nan lambda-out": (["--lambda-out", "nan"], "--lambda-out must be a finite number >= 0"),
+    "nan lambda-out": (["--lambda-out", "nan"], "--lambda-out must be a finite number in [0, 1e6]"),
     "empty feat layers": (["--feat-layers", ""], "holds an empty module name"),
     "empty feat layer in a list": (["--feat-layers", "mid_block,,"], "holds an empty module name"),
     "out-dir is a file": (["--out-dir", "{t}/a_file"], "is a file"),
@@ -792,6 +796,8 @@ EVAL_BAD_INPUTS = {  # "{run}": a complete evaluated run, "{t}": the test's dire
     "binary prompts": (["{run}", "--prompts", "{t}/binary.txt"], "a binary file"),
     "misspelt flag": (["{run}", "--num-promts", "2"], "unknown flag --num-promts; did you mean --num-prompts?"),
     "seeds not integers": (["{run}", "--seeds", "a"], "--seeds must be comma-separated integers"),
+    "run name too long": (["{t}/" + "n" * 300], "bytes long, and this file system allows"),
+    "compare, run name too long": (["--compare", "{t}/" + "n" * 300], "bytes long, and this file system allows"),
     "seed out of range": (["{run}", "--seeds", "0,100000000000000000000"], "--seeds must each be in [0, 2^63)"),
     "bootstrap resamples without end": (["{run}", "--bootstrap", "1000000000000000000000000000000"],
                                         "give at most 100000"),
@@ -1481,12 +1487,22 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert "| K | plain s/step | RID s/step | RID / plain | plain / minimal loop |" in tables and "| 2 |" in tables
     assert "task 3 (two frozen adapters) / task 1" in tables
     assert "peak MiB, checkpointing off" in tables and "T=2" in tables
-    assert benchmark.cli(["--tiny", "--ks", "1,x"]) == 2
-    assert "--ks must be comma-separated integers" in capsys.readouterr().err
-    for flags, message in ((["--batch-size", "0"], "--batch-size must be a positive integer"),
-                           (["--num-steps", "0"], "--num-steps must be a positive integer")):
+
+
+def test_benchmark_bad_input_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "peak_memories", lambda *a: pytest.fail("the benchmark started"))
+    for flags, message in ((["--ks", "1,x"], "--ks must be comma-separated integers"),
+                           (["--batch-size", "0"], "--batch-size must be a positive integer"),
+                           (["--num-steps", "0"], "--num-steps must be a positive integer"),
+                           (["--repeats", str(10 ** 30)], "--repeats must be a positive integer below 2^31"),
+                           (["--device", "bogus"], "--device 'bogus' is not a torch device"),
+                           (["--json", str(tmp_path)], "is a directory; give a file path"),
+                           (["--json", str(tmp_path / ("n" * 300))], "bytes long, and this file system allows"),
+                           (["--decode", "--json", str(tmp_path / "no" / "b.json")], "no directory")):
         assert benchmark.cli(["--tiny", *flags]) == 2
-        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (flags, lines)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -------------------------------------------------------------------------------------------- the toy world (issue 17)
