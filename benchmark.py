@@ -39,7 +39,7 @@ class BenchmarkArgs:
         "help": "aesthetic: the CLIP ViT-L/14 tower of the real step (random weights with --random-weights); "
                 "compressibility: no tower"})
     mixed_precision: Literal["no", "bf16"] = field(default="no", metadata={
-        "help": "rid.py's precision policy to time (bf16: see README, Precision)"})
+        "help": "rid.py's precision policy to time (bf16: see docs/precision.md)"})
     repeats: int = field(default=3, metadata={"help": "timed rounds (the median is reported)"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
     json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})

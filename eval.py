@@ -1,7 +1,8 @@
 """Evaluate a reward-incremental run: the reward matrix, forgetting, structure drift, plots and an image grid.
 
-For the base model (row 0) and the model after each task i = 1..N (row i), generate images for fixed held-out prompts
-and seeds, the same x_T for every row, and score each image with every reward j of the run (plus --extra-rewards):
+For the base model (row 0) and the model after each task i = 1..N (row i), generate images for fixed prompts (full
+scale: none is a training prompt; tiny: seen and held-out toy-world captions) and seeds, the same x_T for every row,
+and score each image with every reward j of the run (plus --extra-rewards):
 
     R[i][j]  = mean over prompts and seeds of r_j(images of row i)                        (N+1, J)  reward_matrix
     G[i][j]  = (R[i][j] - R[0][j]) / s_j,  s_j = std of r_j over the base images           (N+1, J)  gain_in_base_std
@@ -38,7 +39,8 @@ class EvalArgs:
         "help": "text file, one prompt a line (default: 8 built-in held-out prompts; tiny runs: 10 seen and 10 "
                 "held-out toy-world captions)"})
     num_prompts: int | None = field(default=None, metadata={
-        "help": "use only the first this many prompts (default: all)"})
+        "help": "use only the first this many prompts (default: all; tiny runs: half of them seen captions, half "
+                "held-out)"})
     seeds: str = field(default="0,1,2,3", metadata={"help": "comma-separated seeds; each gives every prompt one x_T"})
     bootstrap: int = field(default=1000, metadata={"help": "bootstrap resamples for the confidence intervals"})
     extra_rewards: str = field(default="", metadata={"help": "rewards to score besides the run's own, comma-separated"})
@@ -79,7 +81,12 @@ EVAL_PROMPTS = [
 
 
 def default_prompts(args: rid.Args, num_prompts: int | None) -> list[str]:
-    return (toyworld.EVAL_PROMPTS if args.tiny else EVAL_PROMPTS)[:num_prompts]
+    """The mode's eval prompts, or the first num_prompts of them; in tiny mode the first half of that many from the
+    seen captions and the rest from the held-out ones, so that any number evaluates both splits."""
+    if not args.tiny or num_prompts is None:
+        return (toyworld.EVAL_PROMPTS if args.tiny else EVAL_PROMPTS)[:num_prompts]
+    split = {name: [p for p in toyworld.EVAL_PROMPTS if toyworld.split_of(p) == name] for name in ("seen", "held_out")}
+    return split["seen"][:(num_prompts + 1) // 2] + split["held_out"][:num_prompts // 2]
 
 
 # ----------------------------------------------------------------------------------------------------------------

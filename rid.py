@@ -81,7 +81,7 @@ class Args:
     seed: int = option(0, "random seed (LoRA init, prompts, noise)")
     # The run: models, inputs and outputs, resuming, precision and memory, logging (models.py, checks.py, session.py).
     tiny: bool = option(False, "the toy world: tiny pretrained models of SD's classes and toy reward towers, from toy/ "
-                        "(CPU, no download; README, Tiny mode)")
+                        "(no download; runs on a CPU in under a minute; docs/toy-world.md)")
     random_weights: bool = option(False, "SD1.5's architecture with random weights, built from code (no download; "
                                   "for benchmarks)")
     model: str | None = option(None, "diffusers Stable Diffusion pipeline (hub id or local directory)")
@@ -97,7 +97,7 @@ class Args:
                                  "gradient steps instead: faster, memory grows with K")
     mixed_precision: Literal["no", "bf16", "fp16"] = option(
         "no", "run the VAE, the text encoder and the T-K sampling steps without gradients in bf16/fp16; the K gradient "
-        "steps, the teacher and the rewards stay fp32 (README, Precision)")
+        "steps, the teacher and the rewards stay fp32 (docs/precision.md)")
     cpu: bool = option(False, "run on the CPU even if a GPU is visible")
     log_every: int = option(10, "print a summary line every this many steps")
     report_to: Literal["none", "tensorboard", "wandb", "all"] = option(
@@ -450,7 +450,7 @@ def clora_penalty(unet: UNet2DConditionModel, current: str, deltas: dict[str, to
     modules = dict(unet.named_modules())
     terms = [(deltas[name] * (modules[name].lora_B[current].weight @ modules[name].lora_A[current].weight)).pow(2).sum()
              for name in deltas]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
+    return torch.stack(terms).sum() if terms else unet.conv_in.weight.new_zeros(())  # task 1: nothing to protect
 
 
 # ----------------------------------------------------------------------------------------------------------------

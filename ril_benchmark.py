@@ -22,7 +22,7 @@ import cli as command_line
 from cli import option
 
 # Each method: rid.py flags over the tiny defaults. The knobs RID adds are given explicitly in every row, so that a
-# row means the same after the defaults change (they were chosen from this table: README, RIL benchmark).
+# row means the same after the defaults change (they were chosen from this table: docs/ril-benchmark.md).
 RID = dict(lambda_out=1.0, lambda_feat=1.0, ema_decay=0.9, distill_at="gradient-steps")
 NO_DISTILLATION = dict(lambda_out=0.0, lambda_feat=0.0)
 METHODS = {

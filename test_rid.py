@@ -324,7 +324,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(image[0].mul(255).round().byte().permute(1, 2, 0).numpy())
 
 
-# Measured maximum differences (README, Rewards): preprocessing 0.016 in normalised pixels (about one 8-bit level,
+# Measured maximum differences (docs/rewards.md): preprocessing 0.016 in normalised pixels (about one 8-bit level,
 # 1/255/std = 0.015: PIL rounds its resized image to 8 bits); unit image embeddings 6.4e-4 (0.062 or more with the
 # other preprocessing); scores 1.1e-5 (aesthetic), 2.1e-4 (hps), 5.2e-4 (clip) on random towers. The toy world's
 # trained towers are more sensitive to PIL's 8-bit rounding: scores 5.6e-3 (aesthetic, of a score of 11), 2.5e-3
@@ -771,7 +771,8 @@ def test_eval_writes_every_output_with_its_shapes(evaluated_run):
     args = rid.resolve(rid.Args(**runfiles.read_config(out / "config.json", rid.Args)))
     base = rid.load_pipeline(args, torch.device("cpu"))
     base.scheduler.set_timesteps(args.num_steps)
-    prompts = toyworld.EVAL_PROMPTS[:2]
+    prompts = evaluation.default_prompts(args, 2)  # one seen caption, one held-out
+    assert [toyworld.split_of(p) for p in prompts] == ["seen", "held_out"]
     latents = torch.cat([rid.initial_latents(base, 2, 16, torch.Generator().manual_seed(s)) for s in (0, 1)])
     images = rid.generate(base, prompts * 2, latents, args)  # (seed, prompt) order: s * 2 + p
     with torch.no_grad():
@@ -1701,6 +1702,10 @@ def test_clora_penalises_the_new_adapter_where_earlier_adapters_changed_the_weig
             m.lora_B["task1"].weight.zero_()
     assert rid.clora_penalty(unet, "task2", rid.past_deltas(unet, "task2")) == 0
     assert rid.past_deltas(unet, "task1") != {} and rid.clora_penalty(unet, "task1", {}) == 0
+    # The first task's zero sits on the model's device, beside the other loss terms that step_metrics stacks (the
+    # meta device stands in for a GPU; a CPU zero made every GPU run with --clora-weight crash at its first step).
+    unet.to("meta")
+    assert rid.clora_penalty(unet, "task1", {}).device == torch.device("meta")
 
 
 # -------------------------------------------------------------------------------------- full scale, round 2 (issue 19)
