@@ -205,19 +205,15 @@ def resident_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_training_memory(opts: BenchmarkArgs, k: int, checkpointing: bool) -> int | None:
-    """Peak memory in bytes of one RID optimizer step above what is held before it (the weights, LoRA, teacher and
-    AdamW state), i.e. what training at this K adds. One warm-up step first, so that one-time allocations (AdamW's
-    moments, the libraries' kernel caches) are not counted. On a GPU: the allocator's peak,
-    torch.cuda.max_memory_allocated. On CPU: the kernel's peak resident set size (VmHWM), reset before the step by
-    writing 5 to /proc/self/clear_refs; peak_memories runs this in a fresh process whose malloc returns every large
-    block to the kernel when it is freed, so that resident memory follows the live tensors. None if out of memory."""
-    device = checks.check_device(opts.device)
-    pipe, params, scorer, optimizer = bench_setup(opts, device)
-    args = bench_args(opts, "rid", k, checkpointing)
-    teacher, generator = rid.new_teacher(params, args), torch.Generator().manual_seed(0)
+def peak_above_baseline(step, device: torch.device) -> int | None:
+    """Peak memory in bytes of one call of step() above what is held before it, after one warm-up call, so that
+    one-time allocations (AdamW's moments, the libraries' kernel caches) are not counted. On a GPU: the allocator's
+    peak, torch.cuda.max_memory_allocated. On CPU: the kernel's peak resident set size (VmHWM), reset before the
+    call by writing 5 to /proc/self/clear_refs; the callers run this in a fresh process whose malloc returns every
+    large block to the kernel when it is freed, so that resident memory follows the live tensors. None if out of
+    memory."""
     try:
-        optimizer_step(pipe, scorer, params, teacher, optimizer, args, generator)  # warm-up
+        step()  # warm-up
     except torch.OutOfMemoryError:
         return None
     gc.collect()
@@ -228,11 +224,22 @@ def peak_training_memory(opts: BenchmarkArgs, k: int, checkpointing: bool) -> in
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
         before = resident_kib("VmRSS") * 1024
     try:
-        optimizer_step(pipe, scorer, params, teacher, optimizer, args, generator)
+        step()
     except torch.OutOfMemoryError:
         return None
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else resident_kib("VmHWM") * 1024
     return peak - before
+
+
+def peak_training_memory(opts: BenchmarkArgs, k: int, checkpointing: bool) -> int | None:
+    """Peak memory in bytes of one RID optimizer step above what is held before it (the weights, LoRA, teacher and
+    AdamW state), i.e. what training at this K adds (peak_above_baseline)."""
+    device = checks.check_device(opts.device)
+    pipe, params, scorer, optimizer = bench_setup(opts, device)
+    args = bench_args(opts, "rid", k, checkpointing)
+    teacher, generator = rid.new_teacher(params, args), torch.Generator().manual_seed(0)
+    return peak_above_baseline(lambda: optimizer_step(pipe, scorer, params, teacher, optimizer, args, generator),
+                               device)
 
 
 @contextlib.contextmanager
@@ -330,16 +337,10 @@ def decode_step(opts: BenchmarkArgs, mode: str):
     return step
 
 
-def decode_memory(opts: BenchmarkArgs, mode: str) -> int:
-    """Peak memory in bytes of one decode step above what is held before it, after a warm-up step, as
-    peak_training_memory measures a training step (run in a fresh process)."""
-    step = decode_step(opts, mode)
-    step()
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    before = resident_kib("VmRSS") * 1024
-    step()
-    return resident_kib("VmHWM") * 1024 - before
+def decode_memory(opts: BenchmarkArgs, mode: str) -> int | None:
+    """Peak memory in bytes of one decode step above what is held before it (peak_above_baseline; run in a fresh
+    process)."""
+    return peak_above_baseline(decode_step(opts, mode), checks.check_device(opts.device))
 
 
 def decode_figures(opts: BenchmarkArgs) -> dict:

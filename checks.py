@@ -461,7 +461,7 @@ def stop_requested(accelerator) -> int | None:
     """The signal that asked to stop, on any process (all processes stop after the same step), or None."""
     signum = STOP_REQUESTS[0] if STOP_REQUESTS else 0
     if accelerator.num_processes > 1:
-        signum = int(accelerator.reduce(torch.tensor([signum], device=accelerator.device), reduction="sum").max())
+        signum = int(accelerator.reduce(torch.tensor([signum], device=accelerator.device), reduction="max"))  # one number
     return signum or None
 
 

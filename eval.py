@@ -191,6 +191,7 @@ def score_rows(rows: torch.Tensor, prompts: list[str], scorers: dict, device, ba
                     batch_prompts = prompts[start:start + batch_size]
                     scores[i, start:start + batch_size, j] = rid.score(on_device, images, batch_prompts).cpu()
                 bar.update()
+            del on_device  # the last reference to the device copy: scorer_on frees it before the next one
     bar.close()
     return scores
 

@@ -174,10 +174,12 @@ def lock_run_dir(out: Path) -> TextIO:
 class Progress:
     """Run state beside the model and optimizer that a checkpoint must hold: the run's id (config.json's), the generator
     of prompts, noise and K, how many metric lines are written, the current streak of non-finite steps, the current
-    task's taken and skipped steps, and the last checkpoint taken."""
+    task's taken and skipped steps, the number of processes (the global batch and the draws depend on it), and the
+    last checkpoint taken."""
     out: Path
     generator: torch.Generator
     run_id: str | None = None
+    processes: int = 1
     log: TextIO | None = None
     lines: int = 0
     bad_streak: int = 0
@@ -207,7 +209,8 @@ def save_checkpoint(unet, progress: Progress, task: int, step: int, scaler, opti
              "scaler": scaler.state_dict(),
              "generator": progress.generator.get_state(), "torch_rng": torch.get_rng_state(),
              "metric_lines": progress.lines, "bad_streak": progress.bad_streak, "run_id": progress.run_id,
-             "task_steps": (progress.taken, progress.skipped), "reward_spread": progress.spread}
+             "task_steps": (progress.taken, progress.skipped), "reward_spread": progress.spread,
+             "processes": progress.processes}
     atomic_write(progress.out / CHECKPOINT, lambda f: torch.save(state, f))
     progress.saved_at = f"task {task}, step {step}"
 
@@ -236,14 +239,21 @@ CHECKPOINT_KEYS = {"task", "step", "adapters", "lora", "optimizer", "teacher", "
                    "metric_lines", "bad_streak"}
 
 
-def check_checkpoint(checkpoint: dict, unet: UNet2DConditionModel, args, path: Path) -> None:
-    """The checkpoint belongs to this run: it carries the run id of the run's config.json, its task and step are in
-    range, every task before its task has its directory (written before the checkpoint that follows it), and its
-    LoRA tensors have the names and shapes this model and --lora-rank give."""
+def check_checkpoint(checkpoint: dict, unet: UNet2DConditionModel, args, path: Path, processes: int) -> None:
+    """The checkpoint belongs to this run: it carries the run id of the run's config.json, it was written by as many
+    processes as resume it, its task and step are in range, every task before its task has its directory (written
+    before the checkpoint that follows it), and its LoRA tensors have the names and shapes this model and --lora-rank
+    give."""
     run_id = read_run_id(path.parent)
     if checkpoint.get("run_id") != run_id:
         raise UsageError(f"--resume: {path} belongs to another run (run id {checkpoint.get('run_id')}, this run's "
                          f"config.json says {run_id}); delete it to restart this run from its beginning")
+    written_by = checkpoint.get("processes", processes)  # checkpoints before it was recorded: not checkable
+    if written_by != processes:
+        raise UsageError(f"--resume: {path} was written by {written_by} process(es) and this run has {processes}; "
+                         "--batch-size is per process, so the effective batch and every later draw would change: "
+                         f"resume with {written_by} (accelerate launch --num_processes {written_by}), or delete the "
+                         "checkpoint to restart")
     if not (1 <= checkpoint["task"] <= len(reward_names(args)) and 0 <= checkpoint["step"] <= args.steps_per_task):
         raise UsageError(f"--resume: {path} is at task {checkpoint['task']}, step {checkpoint['step']}, outside this "
                          "run's tasks and steps; delete it to restart the run from its beginning")

@@ -280,7 +280,8 @@ class Run:
         process) config.json, then the checkpoint's state restored (add_adapter: rid.add_task_adapter)."""
         self.unet = pipe.unet
         if self.checkpoint is not None:
-            check_checkpoint(self.checkpoint, pipe.unet, self.args, self.out / CHECKPOINT)
+            check_checkpoint(self.checkpoint, pipe.unet, self.args, self.out / CHECKPOINT,
+                             self.accelerator.num_processes)
         if self.is_main:
             warn_long_prompts(pipe.tokenizer, prompts)
         self.accelerator.wait_for_everyone()  # every process has checked --out-dir before the main one writes to it
@@ -289,7 +290,8 @@ class Run:
             raise Interrupted(f"stopped by {signal.Signals(signum).name} before training; nothing was written", signum)
         self.lock = take_run_dir(self.accelerator, self.out, self.new)
         run_id = self.write_files() if self.is_main else None
-        self.progress = Progress(self.out, torch.Generator().manual_seed(self.args.seed), run_id)  # same everywhere
+        self.progress = Progress(self.out, torch.Generator().manual_seed(self.args.seed), run_id,  # same everywhere
+                                 processes=self.accelerator.num_processes)
         if self.checkpoint is not None:
             restore(pipe.unet, self.args, self.progress, self.checkpoint, self.scaler, add_adapter)
             self.accelerator.print(f"resuming {self.out} at {self.progress.saved_at}", file=sys.stderr)

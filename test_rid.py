@@ -1488,6 +1488,11 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert "| K | plain s/step | RID s/step | RID / plain | plain / minimal loop |" in tables and "| 2 |" in tables
     assert "task 3 (two frozen adapters) / task 1" in tables
     assert "peak MiB, checkpointing off" in tables and "T=2" in tables
+    assert benchmark.cli(["--tiny", "--decode", "--resolution", "32", "--batch-size", "2", "--repeats", "1",
+                          "--json", str(tmp_path / "d.json")]) == 0  # 3 fresh processes for the memory
+    decode = json.loads((tmp_path / "d.json").read_text())
+    assert set(decode) == set(benchmark.DECODES)
+    assert all(r["peak_mib"] > 0 and r["seconds"] > 0 for r in decode.values())
 
 
 def test_benchmark_bad_input_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
@@ -1875,23 +1880,41 @@ def test_one_writer_per_run_directory_and_no_lock_outlives_its_process(tmp_path,
 def test_a_checkpoint_from_another_run_or_without_its_task_directories_is_refused(reference_run, tmp_path, capsys):
     """reference_run is a finished 1-task run; its checkpoint (at task 2, step 0) copied into a 2-task run that has
     not finished task 1 must not make it skip task 1: refused as another run's; and with the right run id, refused
-    because task 1's directory, which it implies, is missing. Before: "resuming at task 2", exit 0."""
+    because task 1's directory, which it implies, is missing (before: "resuming at task 2", exit 0); and one written
+    by 2 processes, resumed by 1 (the effective batch and the draws would change; before: accepted without a word)."""
     checkpoint = torch.load(reference_run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["processes"] == 1
     flags = tiny_flags(SMALL, rewards="aesthetic,hps")
     for case, run_id, message in (("foreign", "0" * 32, "belongs to another run (run id"),
                                   ("implied", checkpoint["run_id"], "is at task 2, but task1_aesthetic/"
                                                                     "pytorch_lora_weights.safetensors, which that "
-                                                                    "implies, is missing")):
+                                                                    "implies, is missing"),
+                                  ("processes", checkpoint["run_id"], "was written by 2 process(es) and this run has "
+                                                                      "1; --batch-size is per process")):
         out = tmp_path / case
         out.mkdir()
         config = dataclasses.asdict(rid.resolve(rid.parse_args([*flags, "--out-dir", str(out)])))
         (out / "config.json").write_text(json.dumps({**config, "run_id": run_id}))
-        shutil.copy(reference_run / "checkpoint.pt", out / "checkpoint.pt")
+        torch.save({**checkpoint, "processes": 2 if case == "processes" else 1}, out / "checkpoint.pt")
         capsys.readouterr()
         assert rid.cli([*flags, "--out-dir", str(out), "--resume"]) == 2, case
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], (case, err)
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json"]
+
+
+def test_a_signal_sent_to_every_process_is_that_signal_not_their_sum(monkeypatch):
+    """A launcher (accelerate launch, torchrun, SLURM) signals every process; the processes agree on the signal by a
+    reduction over them, here two processes that both got SIGTERM (before: summed, 30 = SIGPWR, exit 158; with 3
+    processes 45, no signal at all and a traceback)."""
+    class TwoProcesses:
+        num_processes, device = 2, torch.device("cpu")
+
+        def reduce(self, tensor, reduction):
+            both = torch.stack([tensor, tensor])
+            return both.sum(0) if reduction == "sum" else both.max(0).values
+    monkeypatch.setattr(checks, "STOP_REQUESTS", [signal.SIGTERM])
+    assert checks.stop_requested(TwoProcesses()) == signal.SIGTERM
 
 
 @pytest.mark.slow
