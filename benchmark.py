@@ -352,10 +352,10 @@ def decode_figures(opts: BenchmarkArgs) -> dict:
                 ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             memory[mode] = pool.submit(decode_memory, opts, mode).result()
     steps = {mode: decode_step(opts, mode) for mode in DECODES}
-    seconds = {mode: [] for mode in DECODES}
+    seconds, device = {mode: [] for mode in DECODES}, checks.check_device(opts.device)
     for round_ in range(1 + opts.repeats):
         for mode, step in steps.items():
-            elapsed = synchronized_seconds(step, checks.check_device(opts.device))
+            elapsed = synchronized_seconds(step, device)
             if round_ > 0:
                 seconds[mode].append(elapsed)
     return {mode: {"peak_mib": mib(memory[mode]), "seconds": statistics.median(seconds[mode])} for mode in DECODES}
@@ -425,10 +425,8 @@ def benchmark(opts: BenchmarkArgs) -> dict:
     """Run the benchmark; print its tables (and write --json). Returns every number. Every flag is checked first."""
     args = bench_args(opts, "rid", 1)
     t = args.num_steps
-    for name in ("resolution", "num_steps", "batch_size", "repeats"):
-        value = getattr(opts, name) if name == "repeats" else getattr(args, name)
-        if not 0 < value < checks.COUNT_LIMIT:
-            raise checks.UsageError(f"--{name.replace('_', '-')} must be a positive integer below 2^31, got {value}")
+    checks.check_counts(args, ("resolution", "num_steps", "batch_size"))  # the mode's defaults filled in
+    checks.check_counts(opts, ("repeats",))
     ks = [int(k) for k in opts.ks.split(",") if k.strip().isdigit()]
     if len(ks) != len(opts.ks.split(",")) or not all(1 <= k <= t for k in ks):
         raise checks.UsageError(f"--ks must be comma-separated integers between 1 and --num-steps ({t}), got "

@@ -105,17 +105,23 @@ NUMBER_RANGES = {
 
 
 COUNT_LIMIT = 2 ** 31  # every count flag stays below it (torch's int32 indices, a step count a run can reach)
+SEED_LIMIT = 2 ** 63  # torch.Generator.manual_seed takes a 64-bit seed
+
+
+def check_counts(args, names: tuple[str, ...]) -> None:
+    """Each count flag is a positive integer below COUNT_LIMIT (rid.py's and benchmark.py's)."""
+    for name in names:
+        if not 0 < getattr(args, name) < COUNT_LIMIT:
+            raise UsageError(f"{flag(name)} must be a positive integer below 2^31, got {getattr(args, name)}")
 
 
 def check_numbers(args) -> None:
     """Integers positive and in range, floats finite and in their NUMBER_RANGES."""
-    for name in ("steps_per_task", "num_steps", "batch_size", "grad_accum", "resolution", "lora_rank", "log_every",
-                 "checkpoint_every", "max_bad_steps"):
-        if not 0 < getattr(args, name) < COUNT_LIMIT:
-            raise UsageError(f"{flag(name)} must be a positive integer below 2^31, got {getattr(args, name)}")
+    check_counts(args, ("steps_per_task", "num_steps", "batch_size", "grad_accum", "resolution", "lora_rank",
+                        "log_every", "checkpoint_every", "max_bad_steps"))
     if not 1 <= args.k <= args.num_steps:
         raise UsageError(f"--k must be between 1 and --num-steps ({args.num_steps}), got {args.k}")
-    if not 0 <= args.seed < 2 ** 63:
+    if not 0 <= args.seed < SEED_LIMIT:
         raise UsageError(f"--seed must be in [0, 2^63), got {args.seed}")
     for name, (within, condition) in NUMBER_RANGES.items():
         value = getattr(args, name)
@@ -158,17 +164,25 @@ def check_model_path(args) -> None:
                              "Diffusion pipeline; give one")
 
 
-def check_writable(out: Path) -> None:
-    """--out-dir can be created and written to: probed with a temporary directory in its nearest existing parent,
-    which is removed at once (so that /proc/foo, a read-only mount or a missing permission fail before any work)."""
-    existing = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+def check_writable(directory: Path, option: str, given: Path) -> None:
+    """`directory` (--out-dir, or the folder of an output file `given`) can be created and written to: probed with a
+    temporary directory in its nearest existing parent, which is removed at once (so that /proc/foo, a read-only
+    mount or a missing permission fail before any work)."""
+    existing = next(p for p in [directory.absolute(), *directory.absolute().parents] if p.exists())
     if not existing.is_dir():
-        raise UsageError(f"--out-dir {out}: {existing} is a file; give a directory path")
+        raise UsageError(f"{option} {given}: {existing} is a file; give a directory path")
     try:
         tempfile.TemporaryDirectory(dir=existing).cleanup()
     except OSError as error:
-        raise UsageError(f"--out-dir {out}: cannot write in {existing} ({error.strerror}); choose a writable "
+        raise UsageError(f"{option} {given}: cannot write in {existing} ({error.strerror}); choose a writable "
                          "directory") from None
+
+
+def check_not_dangling(path: Path, option: str) -> None:
+    """A symbolic link whose target does not exist would be written through, or fail, only after the work."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{option} {path} is a symbolic link to {os.readlink(path)}, which does not exist; create "
+                         "its target or give another path")
 
 
 def check_name_lengths(path: Path, option: str, written: bool = True) -> None:
@@ -191,16 +205,10 @@ def check_output_file(path: Path, option: str) -> None:
     check_name_lengths(path, option)
     if path.is_dir():
         raise UsageError(f"{option} {path} is a directory; give a file path")
-    if path.is_symlink() and not path.exists():
-        raise UsageError(f"{option} {path} is a symbolic link to {os.readlink(path)}, which does not exist; give "
-                         "another path")
-    if not path.absolute().parent.is_dir():
+    check_not_dangling(path, option)
+    if not path.absolute().parent.is_dir():  # atomic_write creates no directories
         raise UsageError(f"{option} {path}: no directory {path.absolute().parent}; create it or give another path")
-    try:
-        tempfile.TemporaryFile(dir=path.absolute().parent).close()
-    except OSError as error:
-        raise UsageError(f"{option} {path}: cannot write in {path.absolute().parent} ({error.strerror}); choose a "
-                         "writable directory") from None
+    check_writable(path.absolute().parent, option, path)
 
 
 def check_device(name: str | None) -> torch.device:
@@ -224,12 +232,10 @@ def check_out_dir(args) -> bool:
         raise UsageError("--out-dir is empty; give a directory path, e.g. runs/rid")
     out = Path(args.out_dir)
     check_name_lengths(out, "--out-dir")
-    if out.is_symlink() and not out.exists():
-        raise UsageError(f"--out-dir {out} is a symbolic link to {os.readlink(out)}, which does not exist; create its "
-                         "target or give another path")
+    check_not_dangling(out, "--out-dir")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} is a file; give a directory path")
-    check_writable(out)
+    check_writable(out, "--out-dir", out)
     outputs = run_outputs(out) if out.is_dir() else []
     if "config.json" in outputs:
         if not args.resume:

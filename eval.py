@@ -135,7 +135,7 @@ def eval_settings(opts: EvalArgs) -> tuple[list[str] | None, list[int], list[str
         seeds = [int(seed) for seed in opts.seeds.split(",")]
     except ValueError:
         raise checks.UsageError(f"--seeds must be comma-separated integers, e.g. 0,1; got {opts.seeds!r}") from None
-    if not all(0 <= seed < 2 ** 63 for seed in seeds):
+    if not all(0 <= seed < checks.SEED_LIMIT for seed in seeds):
         raise checks.UsageError(f"--seeds must each be in [0, 2^63), as rid.py's --seed; got {opts.seeds}")
     n_prompts = len(prompts) if prompts is not None else opts.num_prompts or len(EVAL_PROMPTS)
     if n_prompts * len(seeds) < 2:
@@ -191,7 +191,6 @@ def score_rows(rows: torch.Tensor, prompts: list[str], scorers: dict, device, ba
                     batch_prompts = prompts[start:start + batch_size]
                     scores[i, start:start + batch_size, j] = rid.score(on_device, images, batch_prompts).cpu()
                 bar.update()
-            del on_device  # the last reference to the device copy: scorer_on frees it before the next one
     bar.close()
     return scores
 

@@ -179,7 +179,7 @@ def lora_shapes(unet: UNet2DConditionModel, adapters: list[str], rank: int) -> d
 
 @contextlib.contextmanager
 def scorer_on(scorer: torch.nn.Module, device: torch.device):
-    """The scorer on `device` for the block: a copy of it there, dropped afterwards, the scorer itself staying on the
+    """The scorer on `device` for the block: a copy of it there, emptied afterwards, the scorer itself staying on the
     CPU. So a GPU holds one reward tower at a time (aesthetic,hps,clip keep ViT-L and ViT-H, ~5.7 GB fp32), while
     the CPU copies load once. On the CPU the scorer itself serves."""
     if device.type == "cpu":
@@ -189,6 +189,6 @@ def scorer_on(scorer: torch.nn.Module, device: torch.device):
     try:
         yield on_device
     finally:
-        del on_device
+        on_device.to("meta")  # frees its device memory even while the caller's `as` name still refers to it
         if device.type == "cuda":
             torch.cuda.empty_cache()

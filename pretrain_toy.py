@@ -101,6 +101,17 @@ def optimiser(params, lr: float, total: int, warmup: int = 100):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_lr(step, total, warmup))
 
 
+def descend(loss: torch.Tensor, opt, schedule, clipped=None) -> None:
+    """One optimizer step on `loss`: its gradients (their norm clipped to 1 over `clipped`, if given), the step, the
+    learning-rate schedule's step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clipped is not None:
+        torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+    opt.step()
+    schedule.step()
+
+
 def log(stage: str, message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {stage}: {message}", flush=True)
 
@@ -116,11 +127,7 @@ def train_vae(args: PretrainArgs, generator: torch.Generator) -> AutoencoderKL:
         posterior = vae.encode(x).latent_dist
         mse = F.mse_loss(vae.decode(posterior.sample(generator)).sample, x)
         loss = mse + 1e-4 * posterior.kl().mean() / posterior.mean[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        schedule.step()
+        descend(loss, opt, schedule, vae.parameters())
         if step % 100 == 0 or step == args.vae_steps - 1:
             log("vae", f"step {step} mse {mse.item():.5f} psnr {10 * math.log10(4 / max(mse.item(), 1e-10)):.1f} dB")
     vae.eval().requires_grad_(False)
@@ -188,11 +195,7 @@ def train_unet(args: PretrainArgs, vae: AutoencoderKL, tokenizer, generator: tor
         text = encode_text(text_encoder, tokenizer, [captions[i] if k else "" for i, k in zip(ids, keep)])
         pred = unet(noise.add_noise(z0, eps, t), t, encoder_hidden_states=text).sample
         loss = (weights[t] * (pred - eps).pow(2).mean((1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
+        descend(loss, opt, schedule, params)
         if step % 100 == 0 or step == args.unet_steps - 1:
             log("unet", f"step {step} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e}")
         if (step + 1) % args.eval_every == 0 and step + 1 < args.unet_steps and judge_path.exists():
@@ -247,11 +250,7 @@ def train_tower(args: PretrainArgs, config: str, generator: torch.Generator, aes
         if scorer is not None:
             mse = F.mse_loss(scorer.layers(image_features).squeeze(-1), world["aesthetic"])
             loss = loss + AESTHETIC_WEIGHT * mse / 2.0                                    # score variance ~2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        schedule.step()
+        descend(loss, opt, schedule, params)
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))
         if step % 100 == 0 or step == args.tower_steps - 1:
@@ -269,10 +268,7 @@ def train_judge(args: PretrainArgs, generator: torch.Generator) -> Judge:
         world = sample_world(128, generator)
         logits = judge(jitter(world["images"], generator, 0.1))
         loss = sum(F.cross_entropy(logits[name], world[name]) for name in ATTRIBUTES)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        schedule.step()
+        descend(loss, opt, schedule)
         if step % 100 == 0 or step == args.judge_steps - 1:
             log("judge", f"step {step} loss {loss.item():.4f}")
     return judge.eval().requires_grad_(False)

@@ -602,7 +602,6 @@ def main(args: Args) -> StableDiffusionPipeline | None:
             params = task_adapter(pipe.unet, args, task)
             with scorer_on(scorers[name], device) as scorer:  # only this task's reward tower on the device
                 train_task(pipe, scorer, prompts, params, args, task, name, run)
-                del scorer  # the last reference to the device copy: scorer_on frees it before the samples
             if run.is_main:
                 shown = sample_prompts(prompts)
                 run.task_end(samples(pipe, shown, args), shown, lora_state_dict(pipe.unet))
