@@ -6,14 +6,17 @@ It may import runfiles.py (what a run directory holds), models.py, the toy world
 and the libraries; session.py and the programs build on it.
 """
 import contextlib
+import gc
 import importlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -22,8 +25,8 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 import toyworld
 from cli import UsageError, flag
-from models import LORA_TARGETS
-from rewards import REWARDS, MissingWeights
+from models import lora_targets
+from rewards import REWARDS, MissingWeights, parts_of
 from runfiles import WriteFailed, check_resume_config, reward_names, run_outputs
 
 DEFAULT_PROMPTS = [
@@ -55,9 +58,9 @@ EXIT_STATUS = {UsageError: 2, MissingWeights: 2, TrainingStopped: 3, WriteFailed
 
 def read_prompts(path: str | None, tiny: bool = False) -> list[str]:
     """One prompt a line from a UTF-8 text file; a binary or otherwise encoded file is refused, naming the byte.
-    Without a file: DEFAULT_PROMPTS, or in tiny mode the captions of the toy world's seen combinations."""
+    Without a file: DEFAULT_PROMPTS, or in tiny mode the toy world's training captions (toyworld.SPLITS)."""
     if path is None:
-        return toyworld.world_prompts(toyworld.SEEN) if tiny else DEFAULT_PROMPTS
+        return list(toyworld.SPLITS["train"]) if tiny else DEFAULT_PROMPTS
     check_name_lengths(Path(path), "--prompts", written=False)
     if Path(path).is_dir():
         raise UsageError(f"--prompts {path}: is a directory; give a text file with one prompt a line")
@@ -250,10 +253,14 @@ def check_out_dir(args) -> bool:
 
 
 def check_reward_names(names: list[str], option: str) -> None:
-    """Every name is a reward of rewards.py; the message of the first unknown one lists the known ones."""
-    unknown = [name for name in names if name not in REWARDS]
+    """Every name is a reward of rewards.py, or several joined by '+' (a joint task), each once; the message of the
+    first unknown one lists the known ones."""
+    unknown = [part for name in names for part in parts_of(name) if part not in REWARDS]
     if unknown:
         raise UsageError(f"{option}: unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
+    repeated = [name for name in names if len(set(parts_of(name))) < len(parts_of(name))]
+    if repeated:
+        raise UsageError(f"{option}: {repeated[0]!r} names a reward twice; a joint task sums different rewards")
 
 
 def check_args(args) -> bool:
@@ -284,20 +291,24 @@ def check_args(args) -> bool:
 # Checks that need the model.
 
 def check_model_args(args, pipe: StableDiffusionPipeline) -> None:
-    """Checks that need the model: the distilled layers exist and see the LoRA, the latent fits the UNet's
-    downsampling, the rank and T fit the model, and the activations of --resolution x --batch-size can fit in
-    memory."""
+    """Checks that need the model: the LoRA targets are Linear layers, the distilled layers exist and see the LoRA,
+    the latent fits the UNet's downsampling, the rank and T fit the model, and the activations of --resolution x
+    --batch-size can fit in memory."""
+    targets = lora_targets(pipe.unet, args.lora_targets)
+    if not targets or not all(isinstance(m, torch.nn.Linear) for m in targets.values()):
+        raise UsageError(f"--lora-targets {args.lora_targets}: " + ("no module of this UNet's ends with one of these" if
+                         not targets else f"{next(n for n, m in targets.items() if not isinstance(m, torch.nn.Linear))}"
+                         " is not a Linear layer") + "; give Linear layer names such as to_k,to_v or attn2.to_k")
     names = {name for name, _ in pipe.unet.named_modules()}
     for layer in args.feat_layers.split(","):
         if layer not in names:
             raise UsageError(f"--feat-layers: the UNet has no module {layer!r}; try mid_block, up_blocks.0, ...")
     if args.lambda_feat > 0:
-        check_feat_layers_see_lora(pipe.unet, args.feat_layers.split(","))
+        check_feat_layers_see_lora(pipe.unet, args.feat_layers.split(","), args.lora_targets)
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     if args.resolution % multiple:
         raise UsageError(f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}")
-    widths = [min(m.in_features, m.out_features) for name, m in pipe.unet.named_modules()
-              if name.endswith(tuple("." + t for t in LORA_TARGETS))]
+    widths = [min(m.in_features, m.out_features) for m in targets.values()]
     if args.lora_rank > min(widths):
         raise UsageError(f"--lora-rank {args.lora_rank} exceeds the narrowest LoRA layer of this UNet ({min(widths)} "
                          "features), where a rank cannot be more than full; give at most that")
@@ -323,10 +334,10 @@ def module_order(unet: UNet2DConditionModel, names: set[str]) -> list[str]:
     return order
 
 
-def check_feat_layers_see_lora(unet: UNet2DConditionModel, layers: list[str]) -> None:
+def check_feat_layers_see_lora(unet: UNet2DConditionModel, layers: list[str], lora: str) -> None:
     """A feature layer that runs before every LoRA layer (conv_in, a down block without attention) has the same
     output for student and teacher, so its L_feat is 0 on every step by construction; one that never runs has none."""
-    targets = {name for name, _ in unet.named_modules() if name.endswith(tuple("." + t for t in LORA_TARGETS))}
+    targets = set(lora_targets(unet, lora))
     order = module_order(unet, targets | set(layers))
     first_lora = next(i for i, name in enumerate(order) if name in targets)
     for layer in layers:
@@ -366,6 +377,20 @@ def check_memory(args, pipe: StableDiffusionPipeline) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Faults while running: non-finite steps, trackers, the launcher, long prompts, signals, and the exit statuses.
+
+def choose_threads() -> str:
+    """Set torch's CPU threads at start-up, once, and say so: OMP_NUM_THREADS if the user set it, else the cores this
+    process may use that are free now (busy under 50 % over 0.2 s; at least 1). OpenMP threads that share a core with
+    another busy process wait for each other at every parallel region: a tiny run with two threads on two cores, one
+    of them busy, ran 7x slower than with one (docs/performance.md)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"{torch.get_num_threads()} CPU threads (OMP_NUM_THREADS)"
+    usable = set(psutil.Process().cpu_affinity())
+    busy = psutil.cpu_percent(interval=0.2, percpu=True)
+    free = sum(1 for cpu, load in enumerate(busy) if cpu in usable and load < 50)
+    torch.set_num_threads(max(1, free))
+    return f"{torch.get_num_threads()} CPU threads ({free} of {len(usable)} cores free; OMP_NUM_THREADS overrides)"
+
 
 def is_finite(*values: float) -> bool:
     """Whether every value is finite: a step with a NaN or inf loss or gradient norm is skipped."""
@@ -469,6 +494,44 @@ def stop_requested(accelerator) -> int | None:
     if accelerator.num_processes > 1:
         signum = int(accelerator.reduce(torch.tensor([signum], device=accelerator.device), reduction="max"))  # one number
     return signum or None
+
+
+def worker_init() -> None:
+    """A pool worker: its own session, so that a Ctrl-C at the terminal reaches only the parent, which then stops each
+    worker once (worker_pool); SIGTERM unwinds it (SystemExit) rather than killing it, so that what it holds is let go
+    (tqdm's lock is a named semaphore, reported leaked otherwise); one thread, since the workers share the cores."""
+    os.setsid()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    os.environ["OMP_NUM_THREADS"] = "1"  # what choose_threads() in a job then keeps
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int):
+    """A pool of `workers` spawned processes for programs that run many jobs (ril_benchmark.py, pretrain_toy.py).
+    SIGINT or SIGTERM to the parent sends every worker one SIGTERM (a rid.py run inside one finishes its step, writes
+    a checkpoint and stops; anything else stops at once, and every file is written atomically, so a job's outputs are
+    complete or absent), cancels the jobs not started, waits for the workers and raises Interrupted (exit status
+    130/143); the caller's rerun continues from what is complete."""
+    def stop(signum, frame):
+        raise Interrupted(f"interrupted by {signal.Signals(signum).name}; every finished job is kept: run the same "
+                          "command again to continue", signum)
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=worker_init)
+    previous = {signum: signal.signal(signum, stop) for signum in STOP_SIGNALS}
+    try:
+        yield pool
+    except Interrupted:
+        for signum in STOP_SIGNALS:  # the workers' ends must not be interrupted again
+            signal.signal(signum, signal.SIG_IGN)
+        for worker in multiprocessing.active_children():
+            worker.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        gc.collect()  # the pool's queues and their semaphores go now, not at exit, where they would be reported leaked
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def exit_status(program: str, run) -> int:

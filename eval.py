@@ -68,7 +68,7 @@ import checks  # noqa: E402
 import runfiles  # noqa: E402
 import rid  # noqa: E402
 import toyworld  # noqa: E402
-from rewards import MissingWeights, load_reward, toy_file  # noqa: E402
+from rewards import MissingWeights, load_reward, parts_of, toy_file  # noqa: E402
 
 MAX_BOOTSTRAP = 100_000  # resamples: about 0.2 ms each on a 2-row toy run, and every draw is kept for the percentiles
 
@@ -150,16 +150,19 @@ def eval_settings(opts: EvalArgs) -> tuple[list[str] | None, list[int], list[str
 # ----------------------------------------------------------------------------------------------------------------
 # Images and scores.
 
-def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int], args: rid.Args, batch_size: int):
-    """Images of the base model and after each task: (N+1, S*P, 3, H, W) in [0,1], image s*P + p = prompt p, seed s.
-    Every row starts from the same x_T; task i's LoRA file holds the adapters of tasks 1..i, stacked."""
+def generate_rows(pipe, tasks: list[Path], prompts: list[str], seeds: list[int], args: rid.Args, batch_size: int,
+                  base: bool = True):
+    """Images of the base model and after each task: (N+1, S*P, 3, H, W) in [0,1], image s*P + p = prompt p, seed s
+    (without the base row: (N, S*P, 3, H, W)). Every row starts from the same x_T; task i's LoRA file holds the
+    adapters of tasks 1..i, stacked."""
     latents = torch.cat([rid.initial_latents(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(s))
                          for s in seeds])
     all_prompts = prompts * len(seeds)
     chunks = range(0, len(all_prompts), batch_size)
-    bar = tqdm(total=(len(tasks) + 1) * len(chunks), desc="generating", dynamic_ncols=True)
+    models = [None, *tasks] if base else tasks
+    bar = tqdm(total=len(models) * len(chunks), desc="generating", dynamic_ncols=True)
     rows = []
-    for task in [None, *tasks]:
+    for task in models:
         if task is not None:
             # The UNet's LoRA alone: pipe.load_lora_weights also looks for text-encoder LoRA keys, which rid.py never
             # trains, and warns on every load that there are none.
@@ -222,9 +225,15 @@ def gain_in_base_std(scores: torch.Tensor) -> torch.Tensor:
     return (matrix - matrix[0]) / scores[0].std(0)
 
 
+def trained_rewards(task_rewards: list[str]) -> list[str]:
+    """The rewards the tasks train, each once: a joint task (a+b) trains each of its rewards."""
+    return list(dict.fromkeys(part for task in task_rewards for part in parts_of(task)))
+
+
 def learned_at(columns: list[str], task_rewards: list[str]) -> list[int]:
-    """t_j: the first task (1-based) that trained reward j, or 0 (the base row) for a reward no task trained."""
-    return [task_rewards.index(name) + 1 if name in task_rewards else 0 for name in columns]
+    """t_j: the first task (1-based) that trained reward j (alone or in a joint task), or 0 (the base row) for a
+    reward no task trained."""
+    return [next((t for t, task in enumerate(task_rewards, start=1) if name in parts_of(task)), 0) for name in columns]
 
 
 def forgetting(matrix: torch.Tensor, learned: list[int]) -> list[float | None]:
@@ -237,7 +246,7 @@ def forgetting(matrix: torch.Tensor, learned: list[int]) -> list[float | None]:
 
 def final_average(matrix: torch.Tensor, columns: list[str], task_rewards: list[str]) -> float:
     """mean_j R[N][j] over the run's own rewards (extra rewards are reported, not averaged)."""
-    return matrix[-1, [columns.index(name) for name in dict.fromkeys(task_rewards)]].mean().item()
+    return matrix[-1, [columns.index(name) for name in trained_rewards(task_rewards)]].mean().item()
 
 
 def mean_defined(values: list[float | None]) -> float | None:
@@ -261,7 +270,7 @@ def headline(scores, correct, splits, learned: list[int], columns: list[str], ta
     return {"gain_in_base_std": gain.tolist(), "final_average_gain": final_average(gain, columns, task_rewards),
             "forgetting_in_base_std": forgotten,
             "mean_forgetting_in_base_std": mean_defined([f for name, f in zip(columns, forgotten)
-                                                         if name in task_rewards]),
+                                                         if name in trained_rewards(task_rewards)]),
             "fidelity": fidelity(correct, splits)}
 
 
@@ -383,7 +392,7 @@ def evaluate(run: Path, prompts: list[str] | None, seeds: list[int], extra: list
     args, tasks = load_run(run)
     prompts = prompts or default_prompts(args, opts.num_prompts)
     task_rewards = rid.reward_names(args)
-    columns = list(dict.fromkeys(task_rewards + extra))
+    columns = list(dict.fromkeys(trained_rewards(task_rewards) + extra))
     device = checks.check_device(opts.device)
     pipe = rid.load_pipeline(args, device)
     checks.warn_long_prompts(pipe.tokenizer, prompts)
@@ -474,8 +483,10 @@ def main(argv: list[str]) -> None:
         print(compare(runs))
         return
     prompts, seeds, extra = eval_settings(opts)
+    threads = checks.choose_threads()
     for run in runs:
         load_run(run)  # refuse an incomplete run before evaluating any
+    print(threads, file=sys.stderr)
     for run in runs:
         evaluate(run, prompts, seeds, extra, opts)
 

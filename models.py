@@ -22,7 +22,6 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from rewards import fetching, seeded
 
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def clip_tokenizer(tmp_dir: str, model_max_length: int = 77) -> CLIPTokenizer:
@@ -162,15 +161,21 @@ def adapters_folded(unet: UNet2DConditionModel):
             weight.data = w
 
 
-def lora_shapes(unet: UNet2DConditionModel, adapters: list[str], rank: int) -> dict[str, tuple[int, ...]]:
+def lora_targets(unet: UNet2DConditionModel, targets: str) -> dict[str, torch.nn.Module]:
+    """The modules that add_task_adapter adapts: those whose names end with one of `targets` (comma-separated, as
+    PEFT's target_modules match)."""
+    suffixes = tuple("." + t for t in targets.split(","))
+    return {name: module for name, module in unet.named_modules() if name.endswith(suffixes)}
+
+
+def lora_shapes(unet: UNet2DConditionModel, adapters: list[str], rank: int, targets: str) -> dict[str, tuple[int, ...]]:
     """The name and shape of every LoRA tensor that add_task_adapter gives `unet` for these adapters: for each
     targeted Linear (in -> out), A (rank, in) and B (out, rank)."""
     shapes = {}
-    for name, module in unet.named_modules():
-        if name.endswith(tuple("." + t for t in LORA_TARGETS)):
-            for adapter in adapters:
-                shapes[f"{name}.lora_A.{adapter}.weight"] = (rank, module.in_features)
-                shapes[f"{name}.lora_B.{adapter}.weight"] = (module.out_features, rank)
+    for name, module in lora_targets(unet, targets).items():
+        for adapter in adapters:
+            shapes[f"{name}.lora_A.{adapter}.weight"] = (rank, module.in_features)
+            shapes[f"{name}.lora_B.{adapter}.weight"] = (module.out_features, rank)
     return shapes
 
 

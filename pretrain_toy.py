@@ -4,15 +4,18 @@ configs at toy sizes in the layouts of the released checkpoints, the toy aesthet
 
     python pretrain_toy.py                      # everything into toy/, about 1 h 40 min on 2 cores (docs/toy-world.md)
     python pretrain_toy.py --stages critics     # only the judge and the reward towers
+    python pretrain_toy.py --stages hps,report  # only the toy hps tower, then the report
+
+Every flag is checked before any stage runs (one line, exit status 2, nothing written); every file in toy/ is replaced
+only once its new version is complete, so an interrupted run (Ctrl-C: exit status 130, SIGTERM: 143) leaves the
+models it did not finish as they were.
 """
 import dataclasses
 import json
 import math
-import multiprocessing
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,16 +23,19 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import checks
 import cli as command_line
 import models
 import rewards
+import runfiles
+import toyworld
 from cli import option
 from rewards import AESTHETIC_MLP, HPS_CHECKPOINT, OPENAI_TOWER, TOY_DIR, TOY_TOWER
-from toyworld import (ATTRIBUTES, COMBINATIONS, HELD_OUT, JUDGE, RADIUS, SEEN, SIZE, Judge, caption, judge_accuracy,
-                      judge_correct, load_judge, parse_caption, sample_world)
+from toyworld import (ATTRIBUTES, COMBINATIONS, HELD_OUT, JUDGE, RADIUS, SEEN, SIZE, Judge, caption,
+                      draw_world, judge_accuracy, judge_correct, load_judge, parse_caption, sample_world)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Richer captions for the reward towers: size and position words, each left out half the time, so that a tower's
@@ -84,8 +90,46 @@ class PretrainArgs:
                                   "default)")
     fidelity_prompts: int = option(240, "prompts per split (seen, held-out) of the final fidelity check")
     stages: str = option("images,critics,report", "what to run, comma-separated: images (VAE, then UNet and text "
-                         "encoder), critics (judge and reward towers), report (fidelity of the pipeline in --out, and "
-                         "pretraining.json); images and critics run side by side")
+                         "encoder), judge, aesthetic (the ViT-L-14 tower with the aesthetic head; the clip reward reads "
+                         "the same tower), hps (the ViT-H-14 tower with the toy preference), critics (judge, aesthetic "
+                         "and hps), report (fidelity of the pipeline in --out, and pretraining.json); two stages run "
+                         "side by side")
+
+
+STAGE_ORDER = ("images", "judge", "aesthetic", "hps", "report")
+STAGE_GROUPS = {"critics": ("judge", "aesthetic", "hps")}
+COUNTS = ("vae_steps", "unet_steps", "tower_steps", "judge_steps", "bank", "eval_every", "fidelity_prompts")
+
+
+def check_args(args: PretrainArgs) -> tuple[list[str], list[float]]:
+    """Every flag, before any stage runs: the stages (in STAGE_ORDER), the CFG scales, positive counts, the seed and a
+    writable --out. Returns the stages and the scales; bad input is one UsageError line (exit status 2)."""
+    named = [name.strip() for name in args.stages.split(",") if name.strip()]
+    unknown = [name for name in named if name not in STAGE_ORDER and name not in STAGE_GROUPS]
+    if unknown or not named:
+        raise command_line.UsageError(f"--stages: unknown stage {unknown[0]!r}" if unknown else "--stages is empty"
+                                      f"; known: {', '.join([*STAGE_ORDER, *STAGE_GROUPS])}")
+    chosen = {stage for name in named for stage in STAGE_GROUPS.get(name, (name,))}
+    for name in COUNTS:
+        if not 0 < getattr(args, name) < checks.COUNT_LIMIT:
+            raise command_line.UsageError(f"{command_line.flag(name)} must be a positive integer below 2^31; got "
+                                          f"{getattr(args, name)}")
+    if not 0 <= args.seed < 2 ** 31:  # stage_generator seeds 1000 * seed + stage, which must fit torch's 64 bits
+        raise command_line.UsageError(f"--seed must be in [0, 2^31); got {args.seed}")
+    try:
+        scales = [float(w) for w in args.guidance_scales.split(",")]
+    except ValueError:
+        raise command_line.UsageError(f"--guidance-scales must be comma-separated numbers, e.g. 3,7.5; got "
+                                      f"{args.guidance_scales!r}") from None
+    if not all(math.isfinite(w) and 0 <= w <= 100 for w in scales):
+        raise command_line.UsageError(f"--guidance-scales must each be in [0, 100], as rid.py's; got "
+                                      f"{args.guidance_scales}")
+    out = Path(args.out)
+    checks.check_name_lengths(out, "--out")
+    if out.exists() and not out.is_dir():
+        raise command_line.UsageError(f"--out {out} is a file; give a directory")
+    checks.check_writable(out, "--out", out)
+    return [stage for stage in STAGE_ORDER if stage in chosen], scales
 
 
 def cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -169,11 +213,12 @@ def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
 
 
 def train_unet(args: PretrainArgs, vae: AutoencoderKL, tokenizer, generator: torch.Generator, judge_path: Path,
-               out: Path):
+               judge_since: float):
     """UNet2DConditionModel and the CLIP text encoder together, on SD's objective: eps-prediction MSE at uniformly
     drawn timesteps of SD's noise schedule, with min-SNR-5 weighting (Hang et al. 2023: converges several times
     faster), and 10 % of captions dropped to "" so that classifier-free guidance works. The text encoder is trained
-    rather than frozen: a frozen random one barely separates the background word (the prototype's finding)."""
+    rather than frozen: a frozen random one barely separates the background word (the prototype's finding). Every
+    --eval-every steps the base model's fidelity is logged, once a judge written after `judge_since` is there."""
     unet = UNet2DConditionModel(**TOY["unet"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**TOY["text_encoder"]))
     noise = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -198,10 +243,16 @@ def train_unet(args: PretrainArgs, vae: AutoencoderKL, tokenizer, generator: tor
         descend(loss, opt, schedule, params)
         if step % 100 == 0 or step == args.unet_steps - 1:
             log("unet", f"step {step} loss {loss.item():.4f} lr {schedule.get_last_lr()[0]:.2e}")
-        if (step + 1) % args.eval_every == 0 and step + 1 < args.unet_steps and judge_path.exists():
+        if (step + 1) % args.eval_every == 0 and step + 1 < args.unet_steps and judge_ready(judge_path, judge_since):
             pipe = toy_pipeline(unet.eval(), vae, text_encoder.eval(), tokenizer)
             log("unet", f"step {step + 1} fidelity {fidelity(pipe, load_judge(judge_path), 3.0, 96)}")
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+
+
+def judge_ready(path: Path, since: float) -> bool:
+    """The judge file is there and was written after `since` (a run that retrains the judge must not check the
+    UNet with the previous one)."""
+    return path.is_file() and path.stat().st_mtime >= since
 
 
 def contrastive_loss(image_features, text_features, logit_scale, captions: list[str]) -> torch.Tensor:
@@ -227,13 +278,38 @@ def jitter(images: torch.Tensor, generator: torch.Generator, strength: float) ->
 # The aesthetic regression's weight beside the contrastive loss: 1 gave the best aesthetic fit but a tower that
 # told shapes apart in only 53 % of pictures (its clip reward then half-ignores the shape word); 0.25 keeps both.
 AESTHETIC_WEIGHT = 0.25
+# The toy annotators: of two pictures of one caption they choose the one with the higher toy preference with
+# probability sigmoid(difference / PREFERENCE_NOISE), as people choose between two images in HPSv2's data. The
+# choices' weight beside the contrastive loss: at 1 (noise 0.1) the preference explained too little of the score's
+# spread over a caption set (the best picture of each caption only 1.46 of its std above the world's), so that
+# fine-tuning moved hps by less than 1 std; 4 (noise 0.05) makes the preference the larger part, as in HPSv2.
+PREFERENCE_NOISE = 0.05
+PREFERENCE_WEIGHT = 4.0
 
 
-def train_tower(args: PretrainArgs, config: str, generator: torch.Generator, aesthetic: bool, preprocess):
+def preference_loss(clip, tokenizer, preprocess, generator: torch.Generator, n: int) -> torch.Tensor:
+    """HPSv2's objective on n synthetic choices: for each, two pictures of one caption (the same combination drawn
+    twice, so only the geometry differs) and the annotator's pick; cross-entropy of the picked one over the pair's
+    logits logit_scale * cos(image, caption). The tower then scores a caption's pictures by the toy preference."""
+    combos = [SEEN[i] for i in torch.randint(len(SEEN), (n,), generator=generator)]
+    first, second = draw_world(combos, generator), draw_world(combos, generator)
+    picked_second = torch.rand(n, generator=generator) < torch.sigmoid(
+        (second["preference"] - first["preference"]) / PREFERENCE_NOISE)
+    images = jitter(torch.cat([first["images"], second["images"]]), generator, 0.05)
+    image_features = rewards.encode_image(clip, images, preprocess).view(2, n, -1)        # (2, n, D)
+    text_features = F.normalize(clip.encode_text(tokenizer(first["captions"])), dim=-1)   # (n, D)
+    logits = clip.logit_scale.exp() * (image_features * text_features).sum(-1).T          # (n, 2)
+    return F.cross_entropy(logits, picked_second.long())
+
+
+def train_tower(args: PretrainArgs, config: str, generator: torch.Generator, aesthetic: bool, preprocess,
+                preference: bool = False):
     """A CLIP of the open_clip config `config` at TOY_TOWER's sizes, trained contrastively on world pictures and
     tower captions; with `aesthetic`, jointly with rewards.Aesthetic's MLP on the normalised embedding, regressing
     the toy aesthetic score (the released MLP is linear, so the embedding must carry the score linearly: trained
-    jointly, it does). Returns the tower and the scorer (Aesthetic) or None."""
+    jointly, it does); with `preference`, jointly with HPSv2's pairwise objective on the toy preference
+    (preference_loss), so that its caption score is caption agreement plus that preference, as HPSv2's is. Returns
+    the tower and the scorer (Aesthetic) or None."""
     clip = rewards.clip_tower(config, TOY_TOWER)
     scorer = rewards.Aesthetic(clip, dim=TOY_TOWER["embed_dim"]) if aesthetic else None
     tokenizer = open_clip.get_tokenizer(config)
@@ -247,17 +323,41 @@ def train_tower(args: PretrainArgs, config: str, generator: torch.Generator, aes
         image_features = rewards.encode_image(clip, images, preprocess)
         text_features = F.normalize(clip.encode_text(tokenizer(texts)), dim=-1)
         loss = contrastive_loss(image_features, text_features, clip.logit_scale, texts)
+        extra = ""
         if scorer is not None:
             mse = F.mse_loss(scorer.layers(image_features).squeeze(-1), world["aesthetic"])
             loss = loss + AESTHETIC_WEIGHT * mse / 2.0                                    # score variance ~2
+            extra = f" aesthetic mse {mse.item():.3f}"
+        if preference:
+            choices = preference_loss(clip, tokenizer, preprocess, generator, 64)
+            loss = loss + PREFERENCE_WEIGHT * choices
+            extra = f" preference {choices.item():.3f}"
         descend(loss, opt, schedule, params)
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))
         if step % 100 == 0 or step == args.tower_steps - 1:
-            extra = f" aesthetic mse {mse.item():.3f}" if scorer is not None else ""
             log(config, f"step {step} loss {loss.item():.3f}{extra}")
     return clip.eval().requires_grad_(False), scorer.eval().requires_grad_(False) if scorer else None
 
+
+@torch.no_grad()
+def preference_headroom(scorer, n: int, generator: torch.Generator) -> dict:
+    """How the toy hps ranks pictures of one caption: on n seen-combination pictures placed as the world places
+    them, its mean and spread, the correlation of the score with the toy preference, and the mean score of the same
+    combinations drawn as the preference likes best (the smallest shape, as low as it fits), in units of the first
+    spread: the headroom a fine-tuned generator has within the world."""
+    combos = [SEEN[i] for i in torch.randint(len(SEEN), (n,), generator=generator)]
+    world = draw_world(combos, generator)
+    scores = scorer(world["images"], world["captions"])
+    radius = torch.full((n,), RADIUS[0])
+    centre = torch.stack([world["centre"][:, 0].clamp(1.2 * RADIUS[0], SIZE - 1.2 * RADIUS[0]),
+                          torch.full((n,), SIZE - 1.2 * RADIUS[0])], dim=1)
+    best = scorer(toyworld.draw(world["shape"], world["colour"], world["background"], centre, radius), world["captions"])
+    spread = scores.std().item()
+    return {"mean": round(scores.mean().item(), 4), "std": round(spread, 4),
+            "correlation_with_preference": round(torch.corrcoef(torch.stack([scores, world["preference"]]))[0, 1].item(),
+                                                 4),
+            "best_gain_in_std": round((best.mean().item() - scores.mean().item()) / spread, 3)}
 
 
 def train_judge(args: PretrainArgs, generator: torch.Generator) -> Judge:
@@ -304,87 +404,107 @@ def half(state_dict: dict) -> dict:
     return {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
 
 
+def write_safetensors(tensors: dict, path: Path) -> None:
+    """A safetensors file, replaced only once the new one is complete (runfiles.atomic_write)."""
+    runfiles.atomic_write(path, lambda f: f.write(safetensors_bytes(tensors)))
+
+
+def write_torch(obj, path: Path) -> None:
+    """A torch.save file, replaced only once the new one is complete."""
+    runfiles.atomic_write(path, lambda f: torch.save(obj, f))
+
+
 def save_pipeline(pipe: StableDiffusionPipeline, out: Path) -> None:
-    """A diffusers pipeline folder, weights in fp16 (rid.py's loader reads them as fp32)."""
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        torch.nn.Module.to(module, torch.float16)  # not diffusers' .to(dtype), which warns about fp32 modules
-    pipe.save_pretrained(out / PIPELINE)
+    """A diffusers pipeline folder in fp32, as diffusers' default load expects it, replaced whole once complete."""
+    with runfiles.atomic_dir(out / PIPELINE) as tmp:
+        pipe.save_pretrained(tmp)
 
 
-def save_towers(l_tower, aesthetic, h_tower, out: Path) -> None:
+def save_towers(l_tower=None, aesthetic=None, h_tower=None, out: Path = TOY_DIR) -> None:
     """The ViT-L-14-quickgelu tower as open_clip's own checkpoint (the file `pretrained="openai"` fetches), the
     aesthetic head as the released predictor's state dict (layers.{0,2,4,6,7}), and the ViT-H-14 tower as an HPSv2
-    checkpoint ({"state_dict": ...}), fp16 like the released HPS_v2.1_compressed.pt."""
-    save_file(half(l_tower.state_dict()), out / OPENAI_TOWER)
-    torch.save({f"layers.{k}": v for k, v in aesthetic.layers.state_dict().items()}, out / AESTHETIC_MLP)
-    torch.save({"state_dict": half(h_tower.state_dict())}, out / HPS_CHECKPOINT)
+    checkpoint ({"state_dict": ...}), fp16 like the released HPS_v2.1_compressed.pt; each one given."""
+    if l_tower is not None:
+        write_safetensors(half(l_tower.state_dict()), out / OPENAI_TOWER)
+        write_torch({f"layers.{k}": v for k, v in aesthetic.layers.state_dict().items()}, out / AESTHETIC_MLP)
+    if h_tower is not None:
+        write_torch({"state_dict": half(h_tower.state_dict())}, out / HPS_CHECKPOINT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The two halves of pretraining run side by side, one core each: the image model (VAE, then UNet and text encoder)
-# and the critics (the reward towers and the judge). Each seeds its own generators, so neither depends on the other's
-# pace; the UNet's periodic fidelity check uses the judge once it is written.
+# The stages run two at a time, one core each: the image model (VAE, then UNet and text encoder) beside the critics
+# (the judge, then the reward towers). Each seeds its own generators, so none depends on another's pace; the UNet's
+# periodic fidelity check uses the judge once this run has written it.
 
 def stage_generator(seed: int, stage: int) -> torch.Generator:
     torch.manual_seed(1000 * seed + stage)  # the stage's model initialisation
     return torch.Generator().manual_seed(1000 * seed + stage)
 
 
-def image_models(args: PretrainArgs, out: Path) -> dict:
-    torch.set_num_threads(1)
+def image_models(args: PretrainArgs, out: Path, judge_since: float) -> dict:
     started = time.perf_counter()
     vae = train_vae(args, stage_generator(args.seed, 1))
     vae_seconds = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = models.clip_tokenizer(tmp, model_max_length=TOKENS)
-    unet, text_encoder = train_unet(args, vae, tokenizer, stage_generator(args.seed, 2), out / JUDGE, out)
+    unet, text_encoder = train_unet(args, vae, tokenizer, stage_generator(args.seed, 2), out / JUDGE, judge_since)
     save_pipeline(toy_pipeline(unet, vae, text_encoder, tokenizer), out)
     return {"vae_seconds": vae_seconds, "unet_seconds": time.perf_counter() - started - vae_seconds,
             "vae_scaling_factor": vae.config.scaling_factor}
 
 
-def critics(args: PretrainArgs, out: Path) -> dict:
-    torch.set_num_threads(1)
+def judge_stage(args: PretrainArgs, out: Path, judge_since: float) -> dict:
     started = time.perf_counter()
-    judge = train_judge(args, stage_generator(args.seed, 3))
-    save_file(half(judge.state_dict()), out / JUDGE)
-    judge_seconds = time.perf_counter() - started
-    l_tower, aesthetic = train_tower(args, rewards.TOWER_CONFIGS["aesthetic"], stage_generator(args.seed, 4), True,
-                                     rewards.centre_crop)
-    h_tower, _ = train_tower(args, rewards.TOWER_CONFIGS["hps"], stage_generator(args.seed, 5), False,
-                             rewards.letterbox)
-    save_towers(l_tower, aesthetic, h_tower, out)
-    return {"judge_seconds": judge_seconds, "tower_seconds": time.perf_counter() - started - judge_seconds,
+    write_safetensors(half(train_judge(args, stage_generator(args.seed, 3)).state_dict()), out / JUDGE)
+    return {"judge_seconds": time.perf_counter() - started,
             "judge_accuracy": judge_accuracy(load_judge(out / JUDGE), 512, torch.Generator().manual_seed(7))}
 
 
-STAGES = {"images": image_models, "critics": critics}
+def aesthetic_stage(args: PretrainArgs, out: Path, judge_since: float) -> dict:
+    started = time.perf_counter()
+    l_tower, aesthetic = train_tower(args, rewards.TOWER_CONFIGS["aesthetic"], stage_generator(args.seed, 4), True,
+                                     rewards.centre_crop)
+    save_towers(l_tower, aesthetic, out=out)
+    return {"aesthetic_tower_seconds": time.perf_counter() - started}
+
+
+def hps_stage(args: PretrainArgs, out: Path, judge_since: float) -> dict:
+    started = time.perf_counter()
+    h_tower, _ = train_tower(args, rewards.TOWER_CONFIGS["hps"], stage_generator(args.seed, 5), False,
+                             rewards.letterbox, preference=True)
+    save_towers(h_tower=h_tower, out=out)
+    scorer = rewards.TextImageCosine(h_tower, open_clip.get_tokenizer(rewards.TOWER_CONFIGS["hps"]), rewards.letterbox)
+    return {"hps_tower_seconds": time.perf_counter() - started,
+            "hps_preference": preference_headroom(scorer, 512, torch.Generator().manual_seed(8))}
+
+
+STAGES = {"images": image_models, "judge": judge_stage, "aesthetic": aesthetic_stage, "hps": hps_stage}
 
 
 def pretrain(args: PretrainArgs) -> dict:
-    """Run the chosen stages and write pretraining.json: what each stage measured and how long it took (a stage not
-    run keeps its figures from the previous report), and the base pipeline's fidelity at each CFG scale."""
+    """Check every flag, run the chosen stages and write pretraining.json: what each stage measured and how long it
+    took (a stage not run keeps its figures from the previous report), and the base pipeline's fidelity at each CFG
+    scale. A run that fails or is interrupted appends nothing to the report."""
+    stages, scales = check_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stages = args.stages.split(",")
     report = json.loads((out / REPORT).read_text()) if (out / REPORT).is_file() else {}
-    if "critics" in stages:
-        (out / JUDGE).unlink(missing_ok=True)  # the UNet's checks must not read an older run's judge
+    judge_since = time.time() if "judge" in stages else 0.0  # the UNet's checks read only this run's judge
     started = time.perf_counter()
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(STAGES[stage], args, out) for stage in stages if stage in STAGES]
-        for job in jobs:
-            report.update(job.result())
+    jobs = [stage for stage in stages if stage in STAGES]
+    if jobs:
+        with checks.worker_pool(min(2, len(jobs))) as pool:
+            for job in [pool.submit(STAGES[stage], args, out, judge_since) for stage in jobs]:
+                report.update(job.result())
     if "report" in stages:
         pipe, judge = load_toy_pipeline(out / PIPELINE), load_judge(out / JUDGE)
-        scales = [float(w) for w in args.guidance_scales.split(",")]
         report["fidelity"] = {str(w): fidelity(pipe, judge, w, args.fidelity_prompts) for w in scales}
         report["guidance_scale"] = max(scales, key=lambda w: report["fidelity"][str(w)]["seen"]["all"])
     runs = report.get("runs", []) + [{"stages": stages, "seconds": time.perf_counter() - started,
                                       "args": dataclasses.asdict(args), "torch": torch.__version__,
                                       "command": "python pretrain_toy.py " + " ".join(sys.argv[1:])}]
     report["runs"] = runs
-    (out / REPORT).write_text(json.dumps(report, indent=2))
+    runfiles.atomic_write(out / REPORT, lambda f: f.write(json.dumps(report, indent=2).encode()))
     log("pretrain", json.dumps(report))
     return report
 
@@ -396,5 +516,19 @@ def load_toy_pipeline(path: Path) -> StableDiffusionPipeline:
     return pipe
 
 
+def cli(argv: list[str]) -> int:
+    """python pretrain_toy.py FLAGS: 0 done, 2 bad input (nothing written), 74 a write failed, 130/143 interrupted
+    (SIGINT/SIGTERM; the files of unfinished stages are as they were), each failure one line on stderr."""
+    try:
+        pretrain(command_line.parse(PretrainArgs, argv, prog="pretrain_toy.py", description=__doc__.split("\n")[0]))
+        return 0
+    except (command_line.UsageError, runfiles.WriteFailed) as error:
+        print(f"pretrain_toy.py: error: {error}", file=sys.stderr)
+        return checks.EXIT_STATUS[type(error)]
+    except checks.Interrupted as error:
+        print(f"pretrain_toy.py: {error}", file=sys.stderr)
+        return error.status
+
+
 if __name__ == "__main__":
-    pretrain(command_line.parse(PretrainArgs, sys.argv[1:], prog="pretrain_toy.py", description=__doc__.split("\n")[0]))
+    sys.exit(cli(sys.argv[1:]))

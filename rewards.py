@@ -290,8 +290,35 @@ def compressibility(tiny: bool) -> nn.Module:
 REWARDS = {"aesthetic": aesthetic, "hps": hps, "clip": clip_score, "compressibility": compressibility}
 
 
+class RewardSum(nn.Module):
+    """Several rewards as one task (a task named "aesthetic+hps+compressibility": the RIL benchmark's joint
+    reference, every reward at once): sum_j r_j / sigma_j, each reward in units of its own spread sigma_j, which
+    rid.py measures at the task's start (reward_spread) and puts in `spreads`."""
+
+    def __init__(self, scorers: dict[str, nn.Module]):
+        super().__init__()
+        self.scorers = nn.ModuleDict(scorers)
+        self.register_buffer("spreads", torch.ones(len(scorers)))
+
+    def parts(self, images, prompts) -> torch.Tensor:
+        """Each reward of the images, (B, J)."""
+        return torch.stack([scorer(images, prompts) for scorer in self.scorers.values()], dim=-1)
+
+    def forward(self, images, prompts):
+        return (self.parts(images, prompts) / self.spreads).sum(-1)
+
+
+def parts_of(name: str) -> list[str]:
+    """The rewards of a task: one, or several joined by '+' (RewardSum)."""
+    return name.split("+")
+
+
 def load_reward(name: str, device: torch.device | str, tiny: bool = False) -> nn.Module:
-    """Build the scorer `name` (see REWARDS), frozen, in eval mode, on `device`."""
-    if name not in REWARDS:
-        raise KeyError(f"unknown reward {name!r}; known rewards: {', '.join(REWARDS)}")
-    return REWARDS[name](tiny).requires_grad_(False).eval().to(device)
+    """Build the scorer `name` (see REWARDS; several joined by '+': their RewardSum), frozen, in eval mode, on
+    `device`."""
+    unknown = [part for part in parts_of(name) if part not in REWARDS]
+    if unknown:
+        raise KeyError(f"unknown reward {unknown[0]!r}; known rewards: {', '.join(REWARDS)}")
+    parts = parts_of(name)
+    scorer = REWARDS[name](tiny) if len(parts) == 1 else RewardSum({part: REWARDS[part](tiny) for part in parts})
+    return scorer.requires_grad_(False).eval().to(device)

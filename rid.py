@@ -40,12 +40,14 @@ from cli import option
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TOY_MODEL = str(Path(__file__).resolve().with_name("toy") / "pipeline")  # the toy world's pipeline (pretrain_toy.py)
 REWARD_NAMES = ("aesthetic", "hps", "clip", "compressibility")  # rewards.REWARDS, which needs open_clip (a test checks)
+LORA_TARGETS = "to_k,to_q,to_v,to_out.0"  # every attention projection, as AlignProp and DRaFT adapt
 
 
 @dataclass
 class Args:
     # The method: the reward sequence, truncated backprop, distillation from the EMA teacher, the adapters.
-    rewards: str = option("aesthetic,hps", f"task order, comma-separated; known: {', '.join(REWARD_NAMES)}")
+    rewards: str = option("aesthetic,hps", f"task order, comma-separated; known: {', '.join(REWARD_NAMES)}; a+b is "
+                          "one task of several rewards at once, each in units of its spread (the joint reference)")
     k: int = option(1, "the last K DDIM steps carry gradients (1 <= K <= T)")
     random_k: bool = option(False, "draw K uniformly from 1..k once per batch")
     lambda_out: float = option(1.0, "weight of output (eps) distillation")
@@ -66,6 +68,8 @@ class Args:
                                  "new adapter's change where earlier adapters changed the weights (needs the adapter "
                                  "group)")
     lora_rank: int = option(4, "LoRA rank r of each adapter (alpha = r)")
+    lora_targets: str = option(LORA_TARGETS, "UNet Linear layers that get LoRA, comma-separated, each a "
+                               "name suffix (attn2.to_k,attn2.to_v: the cross-attention keys and values only)")
     shared_adapter: bool = option(False, "one LoRA adapter for all tasks instead of one each")
     # Sampling and optimisation.
     num_steps: int | None = option(None, "DDIM steps T")
@@ -86,7 +90,7 @@ class Args:
                                   "for benchmarks)")
     model: str | None = option(None, "diffusers Stable Diffusion pipeline (hub id or local directory)")
     prompts: str | None = option(None, "text file, one prompt a line (default: a built-in set; tiny: the toy world's "
-                                 "seen captions)")
+                                 "training captions)")
     out_dir: str = option("runs/rid", "output directory (holds no run yet, unless --resume)")
     resume: bool = option(False, "continue the run in --out-dir from its last checkpoint")
     checkpoint_every: int = option(50, "write OUT/checkpoint.pt every this many steps (and at each task end)")
@@ -132,7 +136,6 @@ if __name__ == "__main__":
     command_line.parse_or_exit("rid.py", parse_args, sys.argv[1:])  # parsed again by cli() below: a few milliseconds
 
 import contextlib  # noqa: E402  (the heavy imports: after the command line is parsed)
-import math  # noqa: E402
 import warnings  # noqa: E402
 
 import torch  # noqa: E402
@@ -143,12 +146,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from checks import check_args, check_model_args, exit_status, is_finite, read_prompts  # noqa: E402
-from models import (LORA_TARGETS, WEIGHT_DTYPES, adapters_disabled, adapters_folded, load_pipeline,  # noqa: E402
-                    scorer_on)
+from checks import check_args, check_model_args, choose_threads, exit_status, is_finite, read_prompts  # noqa: E402
+from models import WEIGHT_DTYPES, adapters_disabled, adapters_folded, load_pipeline, scorer_on  # noqa: E402
 from session import Run, average_gradients, step_metrics, variance_noise  # noqa: E402
 from runfiles import reward_names  # noqa: E402
-from rewards import load_reward  # noqa: E402
+from rewards import RewardSum, load_reward  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,13 +355,15 @@ def adapter_tensors(unet: UNet2DConditionModel, name: str) -> dict[str, torch.nn
     return {n: p for n, p in unet.named_parameters() if f".{name}." in n}
 
 
-def add_task_adapter(unet: UNet2DConditionModel, name: str, rank: int) -> dict[str, torch.nn.Parameter]:
-    """Add a fresh LoRA adapter (B = 0, so the model is unchanged), keep every adapter active, and make only the new
-    one trainable: earlier tasks' adapters stay frozen, bit for bit. Returns the trainable tensors by name (fp32)."""
+def add_task_adapter(unet: UNet2DConditionModel, name: str, rank: int, targets: str = LORA_TARGETS
+                     ) -> dict[str, torch.nn.Parameter]:
+    """Add a fresh LoRA adapter (B = 0, so the model is unchanged) on the Linear layers whose names end with one of
+    `targets` (comma-separated), keep every adapter active, and make only the new one trainable: earlier tasks'
+    adapters stay frozen, bit for bit. Returns the trainable tensors by name (fp32)."""
     with warnings.catch_warnings():  # PEFT warns that a second adapter is being added: that is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGETS), adapter_name=name)
+                                    target_modules=targets.split(",")), adapter_name=name)
     unet.set_adapters(list(unet.peft_config))  # PEFT makes every active adapter trainable: re-freeze below
     trainable = adapter_tensors(unet, name)
     for n, p in unet.named_parameters():
@@ -400,7 +404,7 @@ def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str,
     name = adapter_name(args, task)
     if name in getattr(unet, "peft_config", {}):
         return adapter_tensors(unet, name)
-    return add_task_adapter(unet, name, args.lora_rank)
+    return add_task_adapter(unet, name, args.lora_rank, args.lora_targets)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,6 +530,9 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     first, teacher, spread = run.start_task(task, name, params, optimizer, new_teacher(params, args),
                                             lambda: reward_spread(pipe, scorer, prompts, args, task))
+    if isinstance(scorer, RewardSum):  # a joint task: each reward in units of its own spread, summed
+        scorer.spreads.copy_(torch.tensor(spread))
+        spread = 1.0
     task_args = dataclasses.replace(args, reward_scale=args.reward_scale / spread)  # L_reward in units of sigma_n
     adapter = adapter_name(args, task)
     clora = (adapter, past_deltas(pipe.unet, adapter)) if args.clora_weight > 0 else None
@@ -541,14 +548,16 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
 SPREAD_IMAGES = 16  # pictures that measure a reward's spread at a task's start
 
 
-def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> float:
+def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> float | list[float]:
     """sigma_n, the unit of L_reward with --reward-norm task-start-std: the standard deviation of reward n over
     SPREAD_IMAGES pictures of the model as the task starts (prompts and x_T seeded by --seed and the task, the run's
     own random streams untouched). Rewards differ in scale by orders of magnitude (a CLIP cosine moves by hundredths,
     compressibility by bits per block); in these units one --lambda-out weighs the same against every reward, and a
-    gain of 1 is eval.py's "1 base std". 1 with --reward-norm none."""
+    gain of 1 is eval.py's "1 base std". 1 with --reward-norm none. For a joint task (RewardSum), each of its
+    rewards' spread, a list."""
     if args.reward_norm == "none":
         return 1.0
+    parts = scorer.parts if isinstance(scorer, RewardSum) else scorer  # (B, J) or (B,)
     generator = torch.Generator().manual_seed(args.seed * 1000 + task)
     chosen = [prompts[i] for i in torch.randint(len(prompts), (SPREAD_IMAGES,), generator=generator)]
     latents = initial_latents(pipe, SPREAD_IMAGES, args.resolution, generator)
@@ -557,9 +566,9 @@ def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> fl
         batch = slice(start, start + args.batch_size)
         images = generate(pipe, chosen[batch], latents[batch], args, torch.Generator().manual_seed(args.seed))
         with torch.no_grad():
-            rewards.append(score(scorer, images, chosen[batch]))
-    spread = torch.cat(rewards).std().item()
-    return spread if math.isfinite(spread) and spread > 1e-12 else 1.0
+            rewards.append(score(parts, images, chosen[batch]))
+    spread = torch.cat(rewards).std(0)
+    return torch.where(spread.isfinite() & (spread > 1e-12), spread, 1.0).tolist()
 
 
 def sample_prompts(prompts: list[str]) -> list[str]:
@@ -587,6 +596,7 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     args = resolve(args)
     new = check_args(args)
     prompts = read_prompts(args.prompts, args.tiny)
+    threads = choose_threads()  # said once every check has passed
     run = Run(args, new)  # the checkpoint to resume from, the Accelerator, the fp16 grad scaler
     if run.finished:
         return None
@@ -597,6 +607,7 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     torch.manual_seed(args.seed)  # LoRA initialisation: the same on every process
     run.open(pipe, prompts, add_task_adapter)  # checks that need the model, the run's files, the checkpoint restored
+    run.accelerator.print(threads, file=sys.stderr)
     with run.training():
         for task, name in run.tasks():
             params = task_adapter(pipe.unet, args, task)

@@ -262,7 +262,7 @@ def check_checkpoint(checkpoint: dict, unet: UNet2DConditionModel, args, path: P
             raise UsageError(f"--resume: {path} is at task {checkpoint['task']}, but task{task}_{name}/{LORA_FILE}, "
                              "which that implies, is missing; delete the checkpoint to restart the run from its "
                              "beginning")
-    expected = lora_shapes(unet, checkpoint["adapters"], args.lora_rank)
+    expected = lora_shapes(unet, checkpoint["adapters"], args.lora_rank, args.lora_targets)
     found = {name: tuple(tensor.shape) for name, tensor in checkpoint["lora"].items()}
     wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
     if wrong:
@@ -276,7 +276,7 @@ def restore(unet, args, progress: Progress, checkpoint: dict, scaler, add_adapte
     the random streams, counters and the grad scaler (checkpoints written before the scaler was saved have none: it
     then starts afresh)."""
     for name in checkpoint["adapters"]:
-        add_adapter(unet, name, args.lora_rank)
+        add_adapter(unet, name, args.lora_rank, args.lora_targets)
     params = dict(unet.named_parameters())
     with torch.no_grad():
         for name, tensor in checkpoint["lora"].items():

@@ -113,11 +113,14 @@ def start_trackers(accelerator: Accelerator, args, out: Path, first_step: int) -
 
 def tracker_metrics(metrics: dict) -> dict[str, float]:
     """One metrics.jsonl line as tracker scalars. The reward goes under its own name (reward/aesthetic, ...): every
-    reward has its own scale, so one curve across tasks would mislead. The rest goes under train/."""
+    reward has its own scale, so one curve across tasks would mislead. The rest goes under train/ (a list, such as a
+    joint task's reward spreads, one scalar per item)."""
     reward = metrics["reward"]
     scalars = {f"reward/{reward}": metrics["reward_mean"], f"reward_std/{reward}": metrics["reward_std"]}
-    return scalars | {f"train/{key}": float(value) for key, value in metrics.items()
-                      if key not in ("reward", "reward_mean", "reward_std", "step")}
+    rest = {key: value for key, value in metrics.items() if key not in ("reward", "reward_mean", "reward_std", "step")}
+    return scalars | {f"train/{key}" + (f"/{i}" if isinstance(value, list) else ""): float(item)
+                      for key, value in rest.items() for i, item in enumerate(value if isinstance(value, list) else
+                                                                                 [value])}
 
 
 def log_image(accelerator: Accelerator, tag: str, image, step: int) -> None:

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -21,6 +22,7 @@ from types import SimpleNamespace
 
 import numpy
 import open_clip
+import psutil
 import pytest
 import torch
 from accelerate import Accelerator
@@ -621,7 +623,7 @@ def prepare_bad_inputs(t: Path) -> None:
                                                             .numpy().tobytes())
     (t / "empty_checkpoint" / "checkpoint.pt").write_bytes(b"")
     unet = rid.load_pipeline(tiny_args(), torch.device("cpu")).unet
-    lora = {name: torch.zeros(shape) for name, shape in models.lora_shapes(unet, ["task1"], rank=2).items()}
+    lora = {name: torch.zeros(shape) for name, shape in models.lora_shapes(unet, ["task1"], 2, rid.LORA_TARGETS).items()}
     torch.save({key: None for key in runfiles.CHECKPOINT_KEYS} | {"task": 1, "step": 2, "adapters": ["task1"],
                                                                   "lora": lora},
                t / "other_rank" / "checkpoint.pt")
@@ -1967,27 +1969,173 @@ def test_a_task_that_skipped_most_of_its_steps_exits_3_without_saving_it(tmp_pat
     assert not (tmp_path / "task1_aesthetic").exists()
 
 
-# ---------------------------------------------------------------------------------------- the RIL benchmark (issue 18)
+# ------------------------------------------------------------------------- the fair RIL benchmark (issues 27 and 29)
+
+def bench_job(**flags) -> "ril_benchmark.Job":
+    settings = dict(ril_benchmark.PLAIN, lr=5e-3, rewards=ril_benchmark.SEQUENCE, steps_per_task=2, **flags)
+    return ril_benchmark.Job("sweep", "plain", 2, 0, 0, tuple(settings.items()))
+
+
+def test_benchmark_runs_are_keyed_by_their_resolved_arguments_and_never_reused_under_others(tmp_path):
+    """A run directory is named by its resolved rid.py arguments: other flags name another one; a directory whose
+    config.json holds other arguments (an edit, or rid.py's defaults changed under the same name) is refused in one
+    line before anything trains."""
+    out, job = tmp_path, bench_job()
+    assert ril_benchmark.run_dir(out, job) != ril_benchmark.run_dir(out, bench_job(seed=1))
+    assert ril_benchmark.run_dir(out, job) != ril_benchmark.run_dir(
+        out, ril_benchmark.Job("sweep", "plain", 3, 0, 0, tuple(dict(job.settings, steps_per_task=3).items())))
+    directory = ril_benchmark.run_dir(out, job)
+    directory.mkdir(parents=True)
+    config = {**ril_benchmark.resolved(job), "out_dir": str(directory), "resume": False}
+    (directory / "config.json").write_text(json.dumps(config))
+    ril_benchmark.check_reusable(out, [job])  # the same arguments: kept
+    (directory / "config.json").write_text(json.dumps({**config, "steps_per_task": 20}))
+    with pytest.raises(cli.UsageError, match=r"holds a run with other arguments \(steps_per_task: 20, asked 2\)"):
+        ril_benchmark.check_reusable(out, [job])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--methods", "plain,bogus"], "unknown method 'bogus'"),
+    (["--methods", "plain,RID,plain"], "names a method twice"),
+    (["--methods", "RID"], "must include plain"),
+    (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
+    (["--seeds", "0,0"], "--seeds must be different integers"),
+    (["--eval-seeds", "-1"], "--eval-seeds must be different integers in"),
+    (["--report-seeds", "1,2,abc"], "--report-seeds must be comma-separated integers"),
+    (["--budgets", "0"], "--budgets must be different integers in"),
+    (["--workers", "0"], "--workers must be in"),
+    (["--out", "/proc/ril"], "--out /proc/ril: cannot write"),
+])
+def test_benchmark_flags_are_checked_before_any_run(flags, message):
+    with pytest.raises(cli.UsageError, match=re.escape(message)):
+        ril_benchmark.parse_args(flags)
+
+
+def test_sequence_metrics_and_the_matched_plasticity_choice_on_hand_made_matrices():
+    """GEM's and RWalk's metrics from a gain matrix (rows base, after tasks 1-3; columns the tasks' rewards), and the
+    setting closest to a target plasticity."""
+    g = [[0, 0, 0], [2, -1, 0], [1, 3, 0.5], [0.5, 2, 1.5]]
+    m = ril_benchmark.sequence_metrics(g, single_task=[3, 3, 3])
+    assert m["own gain"] == [2, 3, 1.5]
+    assert m["ACC"] == pytest.approx((0.5 + 2 + 1.5) / 3)
+    assert m["BWT"] == pytest.approx(((0.5 - 2) + (2 - 3)) / 2)
+    assert m["forgetting"] == pytest.approx(((2 - 0.5) + (3 - 2)) / 2)
+    assert m["plasticity"] == pytest.approx(((2 - 0) + (3 - -1) + (1.5 - 0.5)) / 3)
+    assert m["intransigence"] == pytest.approx(((3 - 2) + (3 - 3) + (3 - 1.5)) / 3)
+    assert ril_benchmark.matched({0: 0.2, 1: 0.9, 2: 1.6}, target=1.2) == 1
+    assert ril_benchmark.mean_ci([1.0, 2.0, 3.0]) == {"mean": 2.0, "ci": pytest.approx(4.303 / math.sqrt(3)), "n": 3}
+
 
 @pytest.mark.slow
-def test_the_ril_benchmark_trains_evaluates_and_tabulates_each_method(tmp_path):
-    """The benchmark's machinery on 2 methods x 1 seed at 2 steps per task: each run trained with its flags and
-    evaluated, then the table, the JSON and the plot; a second call keeps the evaluated runs."""
-    opts = ril_benchmark.parse_args(["--out", str(tmp_path), "--methods", "plain,RID", "--seeds", "0",
-                                     "--rewards", "compressibility,aesthetic", "--steps-per-task", "2",
-                                     "--eval-seeds", "0"])
-    summary = ril_benchmark.main(opts)
-    assert set(summary) == {"plain", "RID"} and summary["plain"]["s/step vs plain"]["mean"] == 1
-    for method in ("plain", "RID"):
-        run = ril_benchmark.run_dir(opts, method, 0)
-        config = json.loads((run / "config.json").read_text())
-        assert config["shared_adapter"] == (method == "plain") and config["steps_per_task"] == 2
-        assert (config["lambda_out"] > 0) == (method == "RID")
-        assert len(summary[method]["gain_in_base_std"]) == 3  # base and two tasks
-    assert "| plain |" in (tmp_path / "ril.md").read_text() and (tmp_path / "ril.png").stat().st_size > 0
-    assert json.loads((tmp_path / "ril.json").read_text())["RID"]["seeds"] == 1
-    before = (ril_benchmark.run_dir(opts, "RID", 0) / "eval.json").stat().st_mtime_ns
-    ril_benchmark.main(opts)
-    assert (ril_benchmark.run_dir(opts, "RID", 0) / "eval.json").stat().st_mtime_ns == before
-    with pytest.raises(cli.UsageError, match="unknown method 'bogus'"):
-        ril_benchmark.parse_args(["--methods", "plain,bogus"])
+def test_the_ril_benchmark_sweeps_chooses_on_validation_and_reports_on_test(tmp_path, monkeypatch):
+    """The benchmark's machinery at 2 steps per task, two settings of plain and one of RID, one seed: sweeps
+    evaluated on validation, references on both splits, the choice, the tables, plots and matrices; a second call
+    trains and evaluates nothing."""
+    monkeypatch.setattr(ril_benchmark, "QUICK", ("plain lr=0.002", "plain lr=0.01", "RID lambda=1 lr=0.01"))
+    plan = ril_benchmark.parse_args(["--out", str(tmp_path), "--preset", "quick", "--budgets", "2",
+                                     "--methods", "plain,RID", "--eval-seeds", "0"])
+    result = ril_benchmark.main(plan)
+    budget = result["budgets"]["2"]
+    assert {p["label"] for p in budget["frontier (validation)"]["plain"]} == {"plain lr=0.002", "plain lr=0.01"}
+    assert {r["method"] for r in budget["test rows"].values()} == {"plain", "RID"}
+    best_plain = next(r for r in budget["test rows"].values() if r["method"] == "plain" and r["best"])
+    assert budget["target plasticity (validation)"] == best_plain["validation plasticity"]
+    assert len(budget["references (test)"][5e-3]["single-task"]) == 3 == len(budget["references (test)"][5e-3]["joint"])
+    for row in budget["test rows"].values():
+        assert len(row["gain"]) == 4 and len(row["fidelity held-out"]) == 4 and row["seeds"] == [0]
+        run = tmp_path / row["runs"][0]
+        assert json.loads((run / "config.json").read_text())["steps_per_task"] == 2
+        assert (run / "eval_test.json").is_file() and (run / "grid_test.png").is_file()
+    for name in ("ril.md", "ril.json", "runs.md", "frontier.png", "ril.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| plain lr=" in (tmp_path / "ril.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/eval_*.json")}
+    monkeypatch.setattr(ril_benchmark, "run_job", None)  # nothing left to run: no worker is started
+    ril_benchmark.main(plan)
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/eval_*.json")}
+
+
+def start_tool(script: str, *flags, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+    """A program in its own session, as a terminal starts one, so that a test can send Ctrl-C's SIGINT to its
+    process group."""
+    return subprocess.Popen([sys.executable, str(HERE / script), *flags], stdout=stdout, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for(condition, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"ended before the point waited for: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the point waited for was not reached"
+        time.sleep(0.05)
+
+
+def stop_and_check(proc, send, status: int) -> str:
+    """Send a signal, then: the program exits with `status` within 30 s, leaves no worker running, and says one
+    line on stderr."""
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert workers  # the pool's processes (not multiprocessing's resource tracker, which ends on its own)
+    send()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == status, err
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_stop_the_benchmark_and_its_workers_and_the_same_command_continues(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while the first runs train, then SIGTERM to the main process alone while
+    later runs train: each time every worker stops at once, the program exits 130 / 143 with one line, and what was
+    complete is kept; the third start finishes the benchmark and retrains nothing that was evaluated."""
+    flags = ["--out", str(tmp_path), "--preset", "quick", "--budgets", "2", "--methods", "plain", "--eval-seeds", "0"]
+    proc = start_tool("ril_benchmark.py", *flags)
+    wait_for(lambda: any(tmp_path.glob("runs/*/metrics.jsonl")), proc)
+    line = stop_and_check(proc, lambda: os.killpg(proc.pid, signal.SIGINT), 130)
+    assert line == ("ril_benchmark.py: interrupted by SIGINT; every finished job is kept: run the same command again "
+                    "to continue")
+    proc = start_tool("ril_benchmark.py", *flags)
+    wait_for(lambda: len(list(tmp_path.glob("runs/*/eval_validation.json"))) >= 2, proc)
+    evaluated = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/eval_validation.json")}
+    assert "interrupted by SIGTERM" in stop_and_check(proc, lambda: proc.send_signal(signal.SIGTERM), 143)
+    proc = start_tool("ril_benchmark.py", *flags)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in evaluated.items())
+    assert (tmp_path / "ril.md").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--stages", "imagse"], "--stages: unknown stage 'imagse'"),
+    (["--stages", ","], "--stages is empty"),
+    (["--stages", "critics", "--judge-steps", "-5"], "--judge-steps must be a positive integer"),
+    (["--tower-steps", "0"], "--tower-steps must be a positive integer"),
+    (["--guidance-scales", "7.5,abc"], "--guidance-scales must be comma-separated numbers"),
+    (["--guidance-scales", "nan"], "--guidance-scales must each be in [0, 100]"),
+    (["--seed", "-1"], "--seed must be in [0, 2^31)"),
+])
+def test_pretraining_checks_every_flag_before_any_stage_and_writes_nothing(flags, message, tmp_path, capsys):
+    (tmp_path / "pretraining.json").write_text("{}")
+    before = snapshot(tmp_path)
+    assert pretrain_toy.cli(["--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pretrain_toy.py: error: ") and message in err and len(err.splitlines()) == 1
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_pretraining_keeps_every_file_it_had_not_finished(tmp_path):
+    """Ctrl-C while the judge retrains: exit status 130 with one line, and the previous judge and report are there,
+    byte for byte (the judge used to be deleted when its stage started)."""
+    shutil.copy(rewards.TOY_DIR / toyworld.JUDGE, tmp_path / toyworld.JUDGE)
+    (tmp_path / pretrain_toy.REPORT).write_text('{"runs": []}')
+    before = snapshot(tmp_path)
+    log = tmp_path.parent / "pretraining.log"
+    with open(log, "w") as stdout:
+        proc = start_tool("pretrain_toy.py", "--out", str(tmp_path), "--stages", "judge", "--judge-steps", "100000",
+                          stdout=stdout)
+        wait_for(lambda: "judge: step 0 " in log.read_text(), proc)  # the judge's stage is training
+        line = stop_and_check(proc, lambda: os.killpg(proc.pid, signal.SIGINT), 130)
+    assert line.startswith("pretrain_toy.py: interrupted by SIGINT")
+    assert snapshot(tmp_path) == before

@@ -91,13 +91,31 @@ def toy_aesthetic(colours, backgrounds, centre, radius) -> torch.Tensor:
 RADIUS = (5.0, 11.0)  # the shapes' radius in pixels is drawn uniformly from this range
 
 
+def toy_preference(centre: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """The toy human preference (B,) in [0, 1], a stated property of a picture that the toy hps learns from pairwise
+    choices: a lower-third composition with room above, half for how low the shape's centre (B, 2) sits (its height
+    over the picture's) and half for how small it is (radius (B,) from the largest drawn, 1, to the smallest, 0). The
+    world draws positions and sizes uniformly, so the base model does not maximise it, and it conflicts with the toy
+    aesthetic, which asks for a large shape at the centre."""
+    low = centre[:, 1] / SIZE
+    small = (RADIUS[1] - radius) / (RADIUS[1] - RADIUS[0])
+    return 0.5 * low + 0.5 * small
+
+
 def sample_world(n: int, generator: torch.Generator, combinations=SEEN) -> dict:
     """n random pictures of the given (shape, colour, background) combinations, with everything that made them:
     images (n,3,32,32) in [0,1], captions, the attribute indices (shape, colour, background), the geometry
-    (centre (n,2) and radius (n,) in pixels) and the toy aesthetic score. Shapes lie wholly inside the picture."""
-    shape_ids, colour_ids = {s: i for i, s in enumerate(SHAPES)}, {c: i for i, c in enumerate(COLOURS)}
+    (centre (n,2) and radius (n,) in pixels), the toy aesthetic score and the toy preference. Shapes lie wholly
+    inside the picture."""
     picks = torch.randint(len(combinations), (n,), generator=generator)
-    combos = [combinations[i] for i in picks]
+    return draw_world([combinations[i] for i in picks], generator)
+
+
+def draw_world(combos: list[tuple[str, str, str]], generator: torch.Generator) -> dict:
+    """sample_world's pictures for given combinations: only the geometry is drawn (so two calls with the same
+    combinations give pairs of pictures that differ only in where the shape is and how large)."""
+    shape_ids, colour_ids = {s: i for i, s in enumerate(SHAPES)}, {c: i for i, c in enumerate(COLOURS)}
+    n = len(combos)
     shapes = torch.tensor([shape_ids[s] for s, _, _ in combos])
     colours = torch.tensor([colour_ids[c] for _, c, _ in combos])
     backgrounds = torch.tensor([colour_ids[b] for _, _, b in combos])
@@ -105,16 +123,26 @@ def sample_world(n: int, generator: torch.Generator, combinations=SEEN) -> dict:
     margin = 1.2 * radius.unsqueeze(1)                                                       # the triangle's reach
     centre = margin + (SIZE - 2 * margin) * torch.rand(n, 2, generator=generator)
     return {"images": draw(shapes, colours, backgrounds, centre, radius), "captions": [caption(*c) for c in combos],
-            "shape": shapes, "colour": colours, "background": backgrounds,
-            "centre": centre, "radius": radius, "aesthetic": toy_aesthetic(colours, backgrounds, centre, radius)}
+            "shape": shapes, "colour": colours, "background": backgrounds, "centre": centre, "radius": radius,
+            "aesthetic": toy_aesthetic(colours, backgrounds, centre, radius),
+            "preference": toy_preference(centre, radius)}
 
 
 def world_prompts(combinations) -> list[str]:
     return [caption(*combo) for combo in combinations]
 
 
-# eval.py's default prompts for a tiny run: 10 seen combinations spread over the list, then the 10 held-out ones.
-EVAL_PROMPTS = world_prompts(SEEN[::8] + HELD_OUT)
+# The prompt splits of fine-tuning, so that settings are chosen on other captions than results are reported on:
+# training (rid.py --tiny's prompts), validation (where the RIL benchmark chooses each method's settings) and test
+# (what eval.py and the benchmark report). The seen combinations are dealt 60 / 10 / 10 by position (the list runs
+# shape by shape, colour by colour, so every split has each shape and most colours); the held-out ones, which no
+# model was pretrained on, 5 / 5 to validation and test.
+SPLITS = {
+    "train": world_prompts([c for i, c in enumerate(SEEN) if i % 8 not in (3, 7)]),
+    "validation": world_prompts([c for i, c in enumerate(SEEN) if i % 8 == 3] + list(HELD_OUT[0::2])),
+    "test": world_prompts([c for i, c in enumerate(SEEN) if i % 8 == 7] + list(HELD_OUT[1::2])),
+}
+EVAL_PROMPTS = SPLITS["test"]  # eval.py's default prompts for a tiny run: 10 seen, then 5 held-out combinations
 
 
 def split_of(prompt: str) -> str | None:
