@@ -103,7 +103,6 @@ NUMBER_RANGES = {
     "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "lambda_out": (lambda v: 0 <= v <= 1e6, "in [0, 1e6] (beyond, the reward no longer counts and fp16 overflows)"),
     "lambda_feat": (lambda v: 0 <= v <= 1e6, "in [0, 1e6] (beyond, the reward no longer counts and fp16 overflows)"),
-    "clora_weight": (lambda v: 0 <= v <= 1e6, "in [0, 1e6] (beyond, the reward no longer counts and fp16 overflows)"),
 }
 
 
@@ -278,9 +277,6 @@ def check_args(args) -> bool:
     if args.distill_at == "trajectory" and not distilled:
         raise UsageError("--distill-at trajectory says where the teacher is compared, but --lambda-out 0 "
                          "--lambda-feat 0 train without one; give a distillation weight, or drop --distill-at")
-    if args.clora_weight > 0 and args.shared_adapter:
-        raise UsageError("--clora-weight penalises a task's adapter where earlier tasks' adapters changed the "
-                         "weights, and --shared-adapter has one adapter for all tasks; drop one of them")
     check_feat_layer_names(args)
     check_trackers(args)
     check_model_path(args)

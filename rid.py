@@ -21,7 +21,8 @@ sequential reward fine-tuning, the baseline.
 
 The RIL/RID paper (arXiv 2411.17310) has no public code; everything more specific than its abstract (the loss
 terms, the EMA schedule, which features are distilled) is our reading, with every choice a flag below.
-C-LoRA's self-regularisation (--clora-weight) is there as the continual-learning baseline to compare with.
+Comparison methods from other papers (C-LoRA, generative distillation, backward progressive training, InfLoRA)
+live in baselines.py and reach the training step through one seam, --baseline (baselines.Method).
 
     python rid.py --tiny --rewards aesthetic,hps        # the toy world's pretrained tiny models, CPU (README)
     python rid.py --rewards aesthetic,hps               # Stable Diffusion v1.5 on a GPU
@@ -64,9 +65,8 @@ class Args:
     distill_at: Literal["gradient-steps", "trajectory"] = option(
         "gradient-steps", "where the teacher is compared: at the K gradient steps, or at one step drawn per batch "
         "from the whole DDIM chain (its no-grad state, detached: one more student call with gradients)")
-    clora_weight: float = option(0.0, "weight of C-LoRA's self-regularisation (Smith et al. 2023): a penalty on the "
-                                 "new adapter's change where earlier adapters changed the weights (needs the adapter "
-                                 "group)")
+    baseline: str = option("", "a comparison method from another paper, by name and settings, e.g. 'clora weight=1' "
+                           "(baselines.py: clora, replay, progressive, inflora); empty: RID, or plain fine-tuning")
     lora_rank: int = option(4, "LoRA rank r of each adapter (alpha = r)")
     lora_targets: str = option(LORA_TARGETS, "UNet Linear layers that get LoRA, comma-separated, each a "
                                "name suffix (attn2.to_k,attn2.to_v: the cross-attention keys and values only)")
@@ -142,7 +142,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
-from peft.tuners.tuners_utils import BaseTunerLayer  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
@@ -408,7 +407,7 @@ def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distillation: the student against the EMA teacher at visited states of the sampling chain, and C-LoRA's penalty.
+# Distillation: the student against the EMA teacher at visited states of the sampling chain.
 
 def distil(unet, x_in, t, text_emb, layers, teacher, args: Args, student=None) -> dict:
     """The distillation terms at one visited state x_in (B,4,h,w), taken as data (detached): the student's outputs
@@ -432,29 +431,6 @@ def distillation_losses(eps, feats, eps_teacher, feats_teacher, layers=()) -> di
                  for name, h, h_t in zip(layers, feats, feats_teacher)}
     l_feat = torch.stack(list(per_layer.values())).mean() if per_layer else 0 * l_out
     return {"loss_out": l_out, "loss_feat": l_feat, **per_layer}
-
-
-@torch.no_grad()
-def past_deltas(unet: UNet2DConditionModel, current: str) -> dict[str, torch.Tensor]:
-    """C-LoRA's record of what earlier tasks changed: for every LoRA layer, |sum_a B_a A_a| (out, in) over the other
-    adapters a (scale 1: alpha = r). Constant during a task; empty for a first or a shared adapter."""
-    deltas = {}
-    for name, module in unet.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            earlier = [a for a in module.lora_A if a != current]
-            if earlier:
-                deltas[name] = sum(module.lora_B[a].weight @ module.lora_A[a].weight for a in earlier).abs()
-    return deltas
-
-
-def clora_penalty(unet: UNet2DConditionModel, current: str, deltas: dict[str, torch.Tensor]) -> torch.Tensor:
-    """C-LoRA's self-regularisation (Smith et al. 2023, Continual Diffusion): sum over layers of
-    || |sum_{a<n} B_a A_a| * (B_n A_n) ||^2, elementwise: the new adapter may change the weights freely only where
-    earlier tasks did not."""
-    modules = dict(unet.named_modules())
-    terms = [(deltas[name] * (modules[name].lora_B[current].weight @ modules[name].lora_A[current].weight)).pow(2).sum()
-             for name in deltas]
-    return torch.stack(terms).sum() if terms else unet.conv_in.weight.new_zeros(())  # task 1: nothing to protect
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,22 +457,24 @@ def draw_distill_step(pipe, args: Args, generator: torch.Generator) -> int | Non
 
 
 def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Generator, accelerator=None,
-               scaler=None, clora=None) -> dict:
+               scaler=None, method=None, step: int = 0) -> dict:
     """Sample a batch with gradients through the last K steps, score it, and backpropagate
-    L = L_reward + lambda_out L_out + lambda_feat L_feat (+ the C-LoRA penalty with `clora` = (adapter, past
-    deltas)), divided by --grad-accum (gradients add up over micro-batches) and multiplied by the fp16 loss scale if a
-    grad scaler is given. Returns the rewards (B,), the loss terms (detached) and K."""
+    L = L_reward + lambda_out L_out + lambda_feat L_feat (+ a comparison method's weighted terms: `method`, a
+    baselines.Method, which may also set K at this step of the task), divided by --grad-accum (gradients add up over
+    micro-batches) and multiplied by the fp16 loss scale if a grad scaler is given. Returns the rewards (B,), the
+    loss terms (detached) and K."""
     process = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     batch, x_T, k = draw_batch(pipe, prompts, args, generator, process)
+    k = method.k(k, step, args) if method is not None else k
     step = draw_distill_step(pipe, args, generator) if teacher is not None else None
     x0, terms = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator, process, step)
     images = decode_with_grad(pipe.vae, x0, args.checkpointing)                           # (B, 3, H, W)
     rewards = score(scorer, images, batch)                                                # (B,)
     terms["loss_reward"] = -args.reward_scale * rewards.mean()
-    if clora is not None:
-        terms["loss_clora"] = clora_penalty(pipe.unet, *clora)
-    loss = (terms["loss_reward"] + args.lambda_out * terms["loss_out"] + args.lambda_feat * terms["loss_feat"]
-            + args.clora_weight * terms.get("loss_clora", 0))
+    loss = terms["loss_reward"] + args.lambda_out * terms["loss_out"] + args.lambda_feat * terms["loss_feat"]
+    for name, (weight, term) in (method.losses(pipe, prompts, args, generator) if method is not None else {}).items():
+        terms[name] = term
+        loss = loss + weight * term
     with full_precision(x_T.device):  # the K steps' checkpoints are recomputed in here: as precise as their forward
         (loss / args.grad_accum if scaler is None else scaler.scale(loss / args.grad_accum)).backward()
     terms["loss"] = loss
@@ -523,10 +501,13 @@ def optimizer_update(optimizer, params: dict[str, torch.nn.Parameter], scaler, t
     return {"grad_norm": grad_norm, "skipped": skipped}
 
 
-def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, run: Run) -> None:
+def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, run: Run, method=None) -> None:
     """Optimise one reward for --steps-per-task steps, updating the EMA teacher after every step. A step whose loss or
     gradient is not finite is skipped (see optimizer_update); `run` logs each step, counts the skipped ones, writes
-    checkpoints and continues a task from a checkpoint taken inside it (its step, optimizer and teacher)."""
+    checkpoints and continues a task from a checkpoint taken inside it (its step, optimizer and teacher). A
+    comparison method (--baseline) first says which of the adapter's tensors train and prepares its terms."""
+    if method is not None:
+        params = method.start_task(pipe, params, task, prompts, args)
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, weight_decay=args.weight_decay)
     first, teacher, spread = run.start_task(task, name, params, optimizer, new_teacher(params, args),
                                             lambda: reward_spread(pipe, scorer, prompts, args, task))
@@ -534,11 +515,9 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
         scorer.spreads.copy_(torch.tensor(spread))
         spread = 1.0
     task_args = dataclasses.replace(args, reward_scale=args.reward_scale / spread)  # L_reward in units of sigma_n
-    adapter = adapter_name(args, task)
-    clora = (adapter, past_deltas(pipe.unet, adapter)) if args.clora_weight > 0 else None
-    for _ in run.steps(first):
+    for step in run.steps(first):
         micro_batches = [train_step(pipe, scorer, prompts, teacher, task_args, run.generator, run.accelerator,
-                                    run.scaler, clora) for _ in range(args.grad_accum)]
+                                    run.scaler, method, step) for _ in range(args.grad_accum)]
         average_gradients(params, run.accelerator)
         metrics = step_metrics(micro_batches, run.accelerator)
         metrics.update(optimizer_update(optimizer, params, run.scaler, teacher, args, metrics["loss"]))
@@ -595,6 +574,7 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     launch rid.py`); only the main process writes. Everything is checked before the first byte is written."""
     args = resolve(args)
     new = check_args(args)
+    method = comparison_method(args)
     prompts = read_prompts(args.prompts, args.tiny)
     threads = choose_threads()  # said once every check has passed
     run = Run(args, new)  # the checkpoint to resume from, the Accelerator, the fp16 grad scaler
@@ -612,11 +592,20 @@ def main(args: Args) -> StableDiffusionPipeline | None:
         for task, name in run.tasks():
             params = task_adapter(pipe.unet, args, task)
             with scorer_on(scorers[name], device) as scorer:  # only this task's reward tower on the device
-                train_task(pipe, scorer, prompts, params, args, task, name, run)
+                train_task(pipe, scorer, prompts, params, args, task, name, run, method)
             if run.is_main:
                 shown = sample_prompts(prompts)
                 run.task_end(samples(pipe, shown, args), shown, lora_state_dict(pipe.unet))
     return pipe
+
+
+def comparison_method(args: Args):
+    """--baseline: a comparison method's hooks (baselines.Method), checked before anything is written; None for RID
+    and plain fine-tuning, which need none."""
+    if not args.baseline:
+        return None
+    import baselines  # only runs that compare with another paper read it
+    return baselines.build(args.baseline, args)
 
 
 def cli(argv: list[str]) -> int:

@@ -45,18 +45,26 @@ SEQUENCE = "aesthetic,hps,compressibility"
 PLAIN = dict(shared_adapter=True, lambda_out=0.0, lambda_feat=0.0)
 GROUP = dict(lambda_out=0.0, lambda_feat=0.0)  # the adapter group alone: a fresh LoRA per task, no teacher
 RID = dict(ema_decay=0.9, distill_at="gradient-steps")  # the knobs RID adds, given explicitly in every row
+# The comparison methods of baselines.py, each with its own knob; their rows train the adapter group without RID's
+# distillation, except backward progressive training, a schedule of K on top of plain fine-tuning.
 # C-LoRA as its paper has it: LoRA on the cross-attention keys and values only, penalised where earlier tasks changed
-# them. Its weight is calibrated on gradient norms (CLORA_UNIT, docs/ril-benchmark.md).
+# them. Its weight is calibrated on gradient norms: at weight 1 the penalty's gradient is as large as L_reward's a few
+# steps into tasks 2 and 3 (norms 0.008-0.04 against 0.01-0.03 over 20 steps at lr 1e-2), so the sweep spans 0.1 to
+# 100 times that (docs/ril-benchmark.md).
 CLORA = dict(GROUP, lora_targets="attn2.to_k,attn2.to_v")
-CLORA_UNIT = 30.0
 
 
 def both(weight: float) -> dict:
     return dict(lambda_out=weight, lambda_feat=weight)
 
 
-# Each method: its strength knob and its sweep, {budget kind: [rid.py flags over the tiny defaults]}. "short" is the
-# quick start's 20 steps a task, "long" is any longer budget (the rows the headline rests on).
+def baseline(spec: str, **flags) -> dict:
+    return dict(GROUP, baseline=spec, **flags)
+
+
+# Each method: its strength knob (an rid.Args field, "lambda" for both distillation weights, "part", or a setting of
+# its --baseline) and its sweep, {budget kind: [rid.py flags over the tiny defaults]}. "short" is the quick start's
+# 20 steps a task, "long" any longer budget (the rows the headline rests on).
 METHODS = {
     "plain": ("lr", {"short": [dict(PLAIN, lr=lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2)],
                      "long": [dict(PLAIN, lr=lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3, 1e-2)]}),
@@ -69,9 +77,18 @@ METHODS = {
     "RID parts": ("part", {"short": [dict(RID, lambda_out=1.0, lambda_feat=0.0, lr=1e-2),
                                      dict(RID, lambda_out=0.0, lambda_feat=1.0, lr=1e-2),
                                      *[dict(RID, **both(1), ema_decay=mu, lr=1e-2) for mu in (0.8, 0.97, 1.0)]]}),
-    "C-LoRA": ("weight", {"short": [dict(CLORA, clora_weight=CLORA_UNIT * w, lr=1e-2) for w in (0.1, 1, 10, 100)],
-                          "long": [dict(CLORA, clora_weight=CLORA_UNIT * w, lr=1e-2) for w in (1, 10, 100)]}),
+    "C-LoRA": ("baseline:weight", {"short": [dict(CLORA, baseline=f"clora weight={w:g}", lr=1e-2) for w in (0.1, 1, 10, 100)],
+                                   "long": [dict(CLORA, baseline=f"clora weight={w:g}", lr=1e-2) for w in (1, 10, 100)]}),
+    "generative distillation": ("baseline:weight", {
+        "short": [baseline(f"replay weight={w:g}", lr=1e-2) for w in (0.3, 1, 3, 10)],
+        "long": [baseline(f"replay weight={w:g}", lr=1e-2) for w in (1, 3, 10)]}),
+    "InfLoRA": ("baseline:energy", {"short": [baseline(f"inflora energy={e:g}", lr=1e-2) for e in (0.8, 0.9, 0.95, 0.99)]}),
+    "backward progressive": ("baseline:start", {
+        "short": [dict(PLAIN, baseline=f"progressive start={k} levels=4", lr=lr) for k, lr in
+                  ((1, 5e-3), (5, 5e-3), (5, 2e-3))]}),
 }
+MERGED = "merged LoRAs"  # model soups: the single-task references' LoRAs summed, each with one of MERGE_WEIGHTS
+MERGE_WEIGHTS = (1 / 3, 2 / 3, 1.0)
 REFERENCE_LRS = (2e-3, 5e-3, 1e-2)  # plain fine-tuning's single-task and joint references, at each of these
 QUICK = ("plain lr=0.002", "plain lr=0.005", "plain lr=0.01", "RID lambda=0.3 lr=0.01", "RID lambda=1 lr=0.01",
          "RID lambda=3 lr=0.01", "C-LoRA weight=1 lr=0.01", "C-LoRA weight=10 lr=0.01")  # --preset quick's settings
@@ -82,7 +99,8 @@ class RILArgs:
     out: str = option("runs/ril", "the benchmark's directory: runs/, the tables, the plots")
     preset: Literal["full", "quick"] = option("full", "full: every method and sweep at --budgets; quick: budget 20, "
                                               "seed 0, three settings of plain and RID and two of C-LoRA")
-    methods: str = option(",".join(METHODS), "methods to run, comma-separated (see METHODS)")
+    methods: str = option(",".join([*METHODS, MERGED]), "methods to run, comma-separated (see METHODS; merged LoRAs "
+                          "merge the single-task references)")
     budgets: str | None = option(None, "optimizer steps per task, comma-separated [full 20,60 / quick 20]; the first "
                                  "is the short budget's sweep, the others the long one's")
     seeds: str | None = option(None, "training seeds of the sweeps and references [full 0,1,2 / quick 0]")
@@ -126,9 +144,9 @@ def parse_args(argv: list[str]) -> Plan:
     opts = command_line.parse(RILArgs, argv, prog="ril_benchmark.py", description=__doc__.split("\n")[0])
     opts = dataclasses.replace(opts, **{k: v for k, v in PRESETS[opts.preset].items() if getattr(opts, k) is None})
     methods = tuple(m.strip() for m in opts.methods.split(","))
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS and m != MERGED]
     if unknown or len(set(methods)) < len(methods):
-        raise command_line.UsageError(f"--methods: unknown method {unknown[0]!r}; known: {', '.join(METHODS)}"
+        raise command_line.UsageError(f"--methods: unknown method {unknown[0]!r}; known: {', '.join([*METHODS, MERGED])}"
                                       if unknown else f"--methods names a method twice: {opts.methods}")
     if "plain" not in methods:
         raise command_line.UsageError("--methods must include plain: the references and the matched plasticity are "
@@ -172,23 +190,30 @@ def resolved(job: Job) -> dict:
 
 def run_dir(out: Path, job: Job) -> Path:
     """OUT/runs/<12 hex digits of the SHA-256 of the resolved arguments>: other flags, or other rid.py defaults,
-    name another directory."""
+    name another directory. A merged LoRA (no training): OUT/merged/<budget>-<lr>-<weight>-seed<s>."""
+    if job.kind == "merged":
+        return out / "merged" / f"{job.budget}-lr{job.settings['lr']:g}-w{job.settings['merge']:.3g}-seed{job.seed}"
     key = hashlib.sha256(json.dumps(resolved(job), sort_keys=True).encode()).hexdigest()[:12]
     return out / "runs" / key
 
 
 def sweep_settings(method: str, budget_kind: str, quick: bool) -> list[dict]:
+    if method == MERGED:
+        return [dict(lr=lr, merge=w) for lr in reference_lrs(quick) for w in MERGE_WEIGHTS]
     settings = METHODS[method][1].get(budget_kind, [])
     return [s for s in settings if label(method, s) in QUICK] if quick else settings
 
 
 def knob_value(method: str, settings: dict):
     """The value of the method's strength knob in these settings (the frontier's order)."""
-    knob = METHODS[method][0]
+    knob = "merge" if method == MERGED else METHODS[method][0]
     if knob == "lambda":
         return settings["lambda_out"]
-    if knob == "weight":
-        return settings["clora_weight"] / CLORA_UNIT
+    if knob == "merge":
+        return settings["merge"]
+    if knob.startswith("baseline:"):
+        pairs = dict(pair.partition("=")[::2] for pair in settings["baseline"].split()[1:])
+        return float(pairs[knob.removeprefix("baseline:")])
     if knob == "part":
         return ("lambda_out only" if settings["lambda_feat"] == 0 else "lambda_feat only" if settings["lambda_out"] == 0
                 else f"mu={settings['ema_decay']}")
@@ -197,35 +222,51 @@ def knob_value(method: str, settings: dict):
 
 def label(method: str, settings: dict) -> str:
     """'plain lr=0.005', 'RID lambda=1 lr=0.01', ...: what a table row says of its setting."""
-    knob, value = METHODS[method][0], knob_value(method, settings)
-    text = f"{method} {value}" if knob == "part" else f"{method} {knob}={value:g}"
+    knob = "merge" if method == MERGED else METHODS[method][0]
+    value = knob_value(method, settings)
+    text = f"{method} {value}" if knob == "part" else f"{method} {knob.removeprefix('baseline:')}={value:.3g}"
     return text + (f" lr={settings['lr']:g}" if knob != "lr" else "")
 
 
-def sweep_jobs(plan: Plan) -> list[Job]:
+def sweep_jobs(plan: Plan, seeds: tuple[int, ...] | None = None) -> list[Job]:
     jobs = []
     for b, budget in enumerate(plan.budgets):
         for method in plan.methods:
             for i, settings in enumerate(sweep_settings(method, "short" if b == 0 else "long", plan.quick)):
-                flags = dict(settings, rewards=SEQUENCE, steps_per_task=budget)
-                jobs += [Job("sweep", method, budget, i, seed, tuple(flags.items())) for seed in plan.seeds]
+                jobs += [sweep_job(method, budget, i, settings, seed) for seed in seeds or plan.seeds]
     return jobs
+
+
+def sweep_job(method: str, budget: int, setting: int, settings: dict, seed: int) -> Job:
+    """One run of a method's setting: the task sequence; for merged LoRAs, the merge of the single-task runs."""
+    if method == MERGED:
+        return Job("merged", MERGED, budget, setting, seed, tuple(dict(settings, steps_per_task=budget).items()))
+    flags = dict(settings, rewards=SEQUENCE, steps_per_task=budget, seed=seed)
+    return Job("sweep", method, budget, setting, seed, tuple(flags.items()))
+
+
+def reference_lrs(quick: bool) -> tuple[float, ...]:
+    return REFERENCE_LRS[1:2] if quick else REFERENCE_LRS
+
+
+def single_task_jobs(budget: int, lr: float, seed: int) -> list[Job]:
+    """Plain fine-tuning on each reward alone from the base (the references, and what merged LoRAs merge)."""
+    return [Job("single-task", "plain", budget, REFERENCE_LRS.index(lr), seed,
+                tuple(dict(PLAIN, lr=lr, rewards=reward, steps_per_task=budget, seed=seed).items()))
+            for reward in SEQUENCE.split(",")]
 
 
 def reference_jobs(plan: Plan) -> list[Job]:
     """Plain fine-tuning at each reference lr: each reward alone (its budget), and all at once (the sequence's
     total budget, so the same number of optimizer steps)."""
     jobs = []
-    lrs = REFERENCE_LRS[1:2] if plan.quick else REFERENCE_LRS
     n = len(SEQUENCE.split(","))
     for budget in plan.budgets:
-        for i, lr in enumerate(lrs):
+        for lr in reference_lrs(plan.quick):
             for seed in plan.seeds:
-                for reward in SEQUENCE.split(","):
-                    flags = dict(PLAIN, lr=lr, rewards=reward, steps_per_task=budget)
-                    jobs.append(Job("single-task", "plain", budget, i, seed, tuple(flags.items())))
-                flags = dict(PLAIN, lr=lr, rewards=SEQUENCE.replace(",", "+"), steps_per_task=n * budget)
-                jobs.append(Job("joint", "plain", budget, i, seed, tuple(flags.items())))
+                jobs += single_task_jobs(budget, lr, seed)
+                flags = dict(PLAIN, lr=lr, rewards=SEQUENCE.replace(",", "+"), steps_per_task=n * budget, seed=seed)
+                jobs.append(Job("joint", "plain", budget, REFERENCE_LRS.index(lr), seed, tuple(flags.items())))
     return jobs
 
 
@@ -235,6 +276,8 @@ def check_reusable(out: Path, jobs: list[Job]) -> None:
     import runfiles
     import rid
     for job in jobs:
+        if job.kind == "merged":
+            continue
         config = run_dir(out, job) / "config.json"
         if config.is_file():
             held = {k: v for k, v in runfiles.read_config(config, rid.Args).items() if k not in ("out_dir", "resume")}
@@ -260,6 +303,11 @@ def run_job(out: Path, job: Job, eval_seeds: tuple[int, ...], splits: tuple[str,
     directory = run_dir(out, job)
     directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if job.kind == "merged":
+        merge_run(out, job)
+        for split in splits:
+            evaluate_split(directory, split, eval_seeds)
+        return {"seconds": time.perf_counter() - started}
     flags = [*flags_of(job.settings), "--tiny", "--out-dir", str(directory)]
     flags += ["--resume"] if (directory / "config.json").is_file() else []
     with open(log_file(directory), "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -269,6 +317,29 @@ def run_job(out: Path, job: Job, eval_seeds: tuple[int, ...], splits: tuple[str,
     for split in splits:
         evaluate_split(directory, split, eval_seeds)
     return {"seconds": time.perf_counter() - started}
+
+
+def merge_run(out: Path, job: Job) -> None:
+    """A merged LoRA as a one-task run that eval.py reads: the single-task runs' LoRAs (same budget, lr and seed)
+    summed with the job's weight each (baselines.merge_loras), as task 1 of the joint task, beside the first single-task
+    run's config.json with the rewards joined."""
+    import baselines
+    import runfiles
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+    directory = run_dir(out, job)
+    task = directory / f"task1_{SEQUENCE.replace(',', '+')}"
+    if (task / runfiles.LORA_FILE).is_file():
+        return
+    sources = [run_dir(out, ref) for ref in single_task_jobs(job.budget, job.settings["lr"], job.seed)]
+    loras = [load_file(src / f"task1_{src_job.settings['rewards']}" / runfiles.LORA_FILE)
+             for src, src_job in zip(sources, single_task_jobs(job.budget, job.settings["lr"], job.seed))]
+    merged = baselines.merge_loras(loras, [job.settings["merge"]] * len(loras))
+    config = {**json.loads((sources[0] / "config.json").read_text()), "rewards": SEQUENCE.replace(",", "+")}
+    runfiles.atomic_write(directory / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
+    with runfiles.atomic_dir(task) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers={k.removeprefix("unet."): v
+                                                                         for k, v in merged.items()})
 
 
 def log_file(directory: Path) -> Path:
@@ -286,7 +357,7 @@ def flags_of(settings: dict) -> list[str]:
 
 
 def label_of(job: Job) -> str:
-    if job.kind == "sweep":
+    if job.kind in ("sweep", "merged"):
         return label(job.method, job.settings)
     return f"{job.kind} {job.settings['rewards']} lr={job.settings['lr']:g}"
 
@@ -340,10 +411,12 @@ def evaluate_split(directory: Path, split: str, eval_seeds: tuple[int, ...]) -> 
     return result
 
 
-def seconds_per_step(directory: Path) -> float:
+def seconds_per_step(directory: Path) -> float | None:
+    """The median training step's seconds, from metrics.jsonl (None for a merged LoRA, which trains nothing)."""
     import figures
-    seconds = [line["seconds"] for line in figures.read_metrics(directory / "metrics.jsonl")]
-    return statistics.median(seconds)
+    if not (directory / "metrics.jsonl").is_file():
+        return None
+    return statistics.median(line["seconds"] for line in figures.read_metrics(directory / "metrics.jsonl"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -374,11 +447,20 @@ def sequence_metrics(g: list[list[float]], single_task: list[float] | None) -> d
     return metrics
 
 
+def merged_metrics(g: list[list[float]], single_task: list[float]) -> dict:
+    """A model of every reward at once (merged LoRAs): ACC = mean_j G[1][j], each reward's gain, and what it gives
+    up against each reward alone (intransigence); nothing was learned in sequence, so nothing forgotten."""
+    return {"ACC": statistics.mean(g[1]), "BWT": None, "forgetting": None, "plasticity": None, "own gain": g[1],
+            "intransigence": statistics.mean(ref - o for ref, o in zip(single_task, g[1]))}
+
+
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def mean_ci(values: list[float]) -> dict:
-    """Mean and the half-width of its 95 % t-interval over runs (seeds)."""
+def mean_ci(values: list[float | None]) -> dict | None:
+    """Mean and the half-width of its 95 % t-interval over runs (seeds); None where a run has no value."""
+    if any(v is None for v in values):
+        return None
     mean = statistics.mean(values)
     if len(values) < 2:
         return {"mean": mean, "ci": None, "n": len(values)}
@@ -389,7 +471,8 @@ def mean_ci(values: list[float]) -> dict:
 def run_metrics(result: dict, single_task: list[float] | None) -> dict:
     """Everything the tables read from one run's evaluation on one split."""
     g = gains(result)
-    return {**sequence_metrics(g, single_task), "gain": g, "fidelity held-out": result["fidelity_held_out"],
+    metrics = merged_metrics(g, single_task) if len(g) == 2 and len(g[0]) > 1 else sequence_metrics(g, single_task)
+    return {**metrics, "gain": g, "fidelity held-out": result["fidelity_held_out"],
             "fidelity": result["fidelity"], "SSIM": result["ssim"], "s/step": result["seconds_per_step"]}
 
 
@@ -452,14 +535,15 @@ def choose(out: Path, plan: Plan, jobs: list[Job], refs: dict) -> dict:
         for method in plan.methods:
             by_setting = {}
             for job in jobs:
-                if job.kind == "sweep" and job.method == method and job.budget == budget:
+                if job.kind in ("sweep", "merged") and job.method == method and job.budget == budget:
                     by_setting.setdefault(job.setting, []).append(job)
             if by_setting:
                 sweeps[method] = {i: summarise_setting(out, group, "validation", refs[budget]["validation"])
                                   for i, group in by_setting.items()}
         best = {m: max(s, key=lambda i: s[i]["ACC"]["mean"]) for m, s in sweeps.items()}
         target = sweeps["plain"][best["plain"]]["plasticity"]["mean"]
-        at_target = {m: matched({i: v["plasticity"]["mean"] for i, v in s.items()}, target) for m, s in sweeps.items()}
+        at_target = {m: matched({i: v["plasticity"]["mean"] for i, v in s.items()}, target)
+                     if m != MERGED else best[m] for m, s in sweeps.items()}  # merged LoRAs learn no sequence
         chosen[budget] = {"validation": sweeps, "best": best, "matched": at_target, "target plasticity": target}
     return chosen
 
@@ -471,8 +555,7 @@ def report_jobs(plan: Plan, chosen: dict) -> list[Job]:
         for method in chosen[budget]["best"]:
             settings = sweep_settings(method, "short" if b == 0 else "long", plan.quick)
             for i in sorted({chosen[budget]["best"][method], chosen[budget]["matched"][method]}):
-                flags = dict(settings[i], rewards=SEQUENCE, steps_per_task=budget)
-                jobs += [Job("sweep", method, budget, i, seed, tuple(flags.items())) for seed in plan.report_seeds]
+                jobs += [sweep_job(method, budget, i, settings[i], seed) for seed in plan.report_seeds]
     return jobs
 
 
@@ -499,7 +582,8 @@ def evaluated(plan: Plan, job: Job, split: str) -> bool:
     if not path.is_file():
         return False
     held = json.loads(path.read_text())
-    return held.get("seeds") == list(plan.eval_seeds) and held.get("prompts") == list(split_prompts(split))
+    return (held.get("seeds") == list(plan.eval_seeds) and held.get("prompts") == list(split_prompts(split))
+            and held.get("rewards") == SEQUENCE.split(","))
 
 
 def split_prompts(split: str) -> list[str]:
@@ -512,11 +596,17 @@ def main(plan: Plan) -> dict:
     plots. A sweep run is evaluated on validation, a reference on both splits, a reported run on test."""
     plan.out.mkdir(parents=True, exist_ok=True)
     sweeps, refs_jobs = sweep_jobs(plan), reference_jobs(plan)
-    run_all(plan, {**{job: ("validation",) for job in sweeps}, **{job: ("validation", "test") for job in refs_jobs}})
+    trained = [job for job in sweeps if job.kind != "merged"]  # merged LoRAs merge the references: after them
+    run_all(plan, {**{job: ("validation",) for job in trained}, **{job: ("validation", "test") for job in refs_jobs}})
+    run_all(plan, {job: ("validation",) for job in sweeps if job.kind == "merged"})
     refs = {b: {s: references(plan.out, plan, b, s) for s in ("validation", "test")} for b in plan.budgets}
     chosen = choose(plan.out, plan, sweeps, refs)
     reports = report_jobs(plan, chosen)
-    run_all(plan, {job: ("validation", "test") if job in sweeps else ("test",) for job in reports})
+    sources = [ref for job in reports if job.kind == "merged"
+               for ref in single_task_jobs(job.budget, job.settings["lr"], job.seed)]
+    splits = {job: ("validation", "test") if job in sweeps else ("test",) for job in reports}
+    run_all(plan, {**{job: ("test",) for job in sources}, **{j: s for j, s in splits.items() if j.kind != "merged"}})
+    run_all(plan, {j: s for j, s in splits.items() if j.kind == "merged"})
     result = tabulate(plan, chosen, reports, refs)
     write_outputs(plan, result)
     return result
@@ -535,7 +625,7 @@ def tabulate(plan: Plan, chosen: dict, reports: list[Job], refs: dict) -> dict:
                 group = [job for job in reports if job.method == method and job.budget == budget and job.setting == i]
                 rows[label(method, settings[i])] = {
                     "method": method, "best": i == c["best"][method], "matched": i == c["matched"][method],
-                    "validation plasticity": c["validation"][method][i]["plasticity"]["mean"],
+                    "validation plasticity": (c["validation"][method][i]["plasticity"] or {}).get("mean"),
                     **summarise_setting(plan.out, group, "test", refs[budget]["test"])}
         frontier = {method: [{"label": label(method, sweep_settings(method, "short" if b == 0 else "long",
                                                                     plan.quick)[i]),
@@ -578,10 +668,10 @@ def tables(result: dict) -> str:
         for name, r in b["test rows"].items():
             chosen = ("B" if r["best"] else "") + ("M" if r["matched"] else "")
             fid = ", ".join(f"{f['mean']:.2f}" for f in r["fidelity held-out"][1:])
+            cost = "–" if r["s/step"] is None else f"{r['s/step']['mean'] / plain_step:.2f}x"
             lines.append("| " + " | ".join([name, chosen, cell(r["ACC"]), cell(r["BWT"]), cell(r["forgetting"]),
                                              cell(r["plasticity"]), cell(r["intransigence"]), fid,
-                                             cell(r["SSIM"][-1]), f"{r['s/step']['mean'] / plain_step:.2f}x",
-                                             str(len(r["seeds"]))]) + " |")
+                                             cell(r["SSIM"][-1]), cost, str(len(r["seeds"]))]) + " |")
         parts.append("\n".join(lines))
         ref_lines = ["| reference (plain, test) | lr | " + " | ".join(names) + " | ACC |", "|---|---|" + "---|" *
                      (len(names) + 1)]
@@ -611,7 +701,7 @@ def run_matrices(result: dict) -> str:
             lines = [f"## {name}, {budget} steps per task (seeds {', '.join(map(str, r['seeds']))})",
                      "| model | " + " | ".join(names) + " | fidelity held-out | SSIM |", "|---|" + "---|" * (len(names) + 2)]
             for i, row in enumerate(r["gain"]):
-                title = "base" if i == 0 else f"after {names[i - 1]}"
+                title = "base" if i == 0 else "merged" if r["method"] == MERGED else f"after {names[i - 1]}"
                 lines.append(f"| {title} | " + " | ".join(f"{v:.2f}" for v in row) +
                              f" | {r['fidelity held-out'][i]['mean']:.2f} | {r['SSIM'][i]['mean']:.2f} |")
             lines.append("runs: " + ", ".join(f"`{path}`" for path in r["runs"]))
@@ -634,7 +724,8 @@ def write_outputs(plan: Plan, result: dict) -> None:
 
 
 COLOURS = {"plain": "black", "adapter group": "grey", "EMA distillation": "tab:blue", "RID": "tab:red",
-           "RID parts": "tab:pink", "C-LoRA": "tab:green"}
+           "RID parts": "tab:pink", "C-LoRA": "tab:green", "generative distillation": "tab:purple",
+           "InfLoRA": "tab:orange", "backward progressive": "tab:brown", MERGED: "tab:olive"}
 
 
 def frontier_plot(result: dict):
@@ -645,6 +736,8 @@ def frontier_plot(result: dict):
     fig = Figure(figsize=(6.5 * len(budgets), 5.5), dpi=110, layout="tight")
     for ax, (budget, b) in zip(fig.subplots(1, len(budgets), squeeze=False)[0], budgets.items()):
         for method, points in b["frontier (validation)"].items():
+            if method == MERGED:  # no sequence: no plasticity or forgetting to place it by
+                continue
             x = [p["plasticity"]["mean"] for p in points]
             y = [p["forgetting"]["mean"] for p in points]
             xerr = [p["plasticity"]["ci"] or 0 for p in points]
@@ -675,7 +768,8 @@ def gains_plot(result: dict):
     for row, (budget, b) in zip(axes, budgets.items()):
         for j, (ax, reward) in enumerate(zip(row, names)):
             for name, r in b["test rows"].items():
-                ax.plot(range(len(r["gain"])), [g[j] for g in r["gain"]], marker="o", label=name,
+                x = [0, len(names)] if r["method"] == MERGED else range(len(r["gain"]))  # merged: base, the end
+                ax.plot(x, [g[j] for g in r["gain"]], marker="o", label=name,
                         color=COLOURS.get(r["method"]), linestyle="-" if r["best"] else "--")
             ax.axvline(j + 1, color="grey", alpha=0.2, linewidth=8)
             ax.set(title=f"{reward}, {budget} steps/task (band: its task)", ylabel="gain from base (base std)")

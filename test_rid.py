@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import CLIPImageProcessor
 
+import baselines
 import benchmark
 import cli
 import eval as evaluation
@@ -562,7 +563,10 @@ BAD_INPUTS = {
     "resume, checkpoint of random bytes": (["--out-dir", "{t}/random_checkpoint", "--resume"], "cannot be read as a "
                                                                                                "torch checkpoint"),
     "resume, empty checkpoint": (["--out-dir", "{t}/empty_checkpoint", "--resume"], "is empty (0 bytes)"),
-    "clora with a shared adapter": (["--clora-weight", "1", "--shared-adapter"], "drop one of them"),
+    "clora with a shared adapter": (["--baseline", "clora weight=1", "--shared-adapter"], "drop --shared-adapter"),
+    "unknown baseline": (["--baseline", "ewc"], "--baseline: unknown method 'ewc'; known: clora, replay"),
+    "baseline setting out of range": (["--baseline", "inflora energy=1.5"], "energy=1.5 is out of range"),
+    "baseline setting not a number": (["--baseline", "replay steps=two"], "steps must be int, got 'two'"),
     "trajectory without distillation": (["--distill-at", "trajectory", "--lambda-out", "0", "--lambda-feat", "0"],
                                         "train without one"),
     "negative reward scale": (["--reward-scale", "-1"], "a negative scale minimises the reward"),
@@ -1559,14 +1563,41 @@ def test_the_committed_toy_models_load_through_the_real_loaders_and_mean_somethi
         assert torch.corrcoef(torch.stack([predicted, world["aesthetic"]]))[0, 1] > 0.9
         captions = toyworld.world_prompts(toyworld.COMBINATIONS)
         truth = torch.tensor([captions.index(c) for c in world["captions"]])
-        for name in ("clip", "hps"):
+        for name, floor in (("clip", 0.8), ("hps", 0.6)):  # hps: caption agreement beside its preference (0.68)
             scorer = load_reward(name, "cpu", tiny=True)
             image_features = rewards.encode_image(scorer.clip, world["images"], scorer.preprocess)
             best = (image_features @ scorer.text_features(captions, "cpu").T).argmax(1)
-            assert (best == truth).float().mean() > 0.8, name
+            assert (best == truth).float().mean() > floor, name
     accuracy = toyworld.judge_accuracy(toyworld.load_judge(rewards.TOY_DIR / toyworld.JUDGE), 256,
                                        torch.Generator().manual_seed(12))
     assert all(value > 0.97 for split in accuracy.values() for value in split.values()), accuracy
+
+
+def test_every_reward_of_the_benchmark_sequence_has_headroom_over_the_worlds_pictures():
+    """On a small batch of seen combinations: each reward scores the same captions' pictures redrawn as it likes best
+    well above the pictures as the world draws them (in units of their spread), and the toy hps orders pairs of one
+    caption as the toy preference does: aesthetic likes a large centred shape, hps a small low one, compressibility
+    no shape at all (the background alone)."""
+    g = torch.Generator().manual_seed(21)
+    combos = [toyworld.SEEN[i] for i in torch.randint(len(toyworld.SEEN), (64,), generator=g)]
+    world, other = toyworld.draw_world(combos, g), toyworld.draw_world(combos, g)
+    centre, low = torch.full((64, 2), 16.0), torch.tensor([[16.0, 32 - 6.0]] * 64)
+    redraw = {"aesthetic": (centre, torch.full((64,), 11.0)), "hps": (low, torch.full((64,), 5.0)),
+              "compressibility": (centre, torch.zeros(64))}
+    headroom = {}
+    with torch.no_grad():
+        for name, (c, r) in redraw.items():
+            scorer = load_reward(name, "cpu", tiny=True)
+            base = scorer(world["images"], world["captions"])
+            best = scorer(toyworld.draw(world["shape"], world["colour"], world["background"], c, r), world["captions"])
+            headroom[name] = ((best.mean() - base.mean()) / base.std()).item()
+        hps = load_reward("hps", "cpu", tiny=True)
+        agree = ((hps(world["images"], world["captions"]) > hps(other["images"], other["captions"]))
+                 == (world["preference"] > other["preference"])).float().mean().item()
+    # Measured (seed 21): 0.78, 1.70, 2.16; agreement 0.95. Within the world aesthetic's colours are the caption's;
+    # fine-tuning also buys contrast with other colours (docs/toy-world.md), so its rise goes beyond this.
+    assert headroom["aesthetic"] > 0.5 and headroom["hps"] > 1.2 and headroom["compressibility"] > 1.5, headroom
+    assert agree > 0.75, agree
 
 
 @pytest.mark.slow
@@ -1694,9 +1725,9 @@ def test_clora_penalises_the_new_adapter_where_earlier_adapters_changed_the_weig
     adapter, and nothing to penalise for a first adapter or where the earlier one left the weights alone."""
     args, pipe, params = two_task_setup(torch.float64)
     unet = pipe.unet
-    deltas = rid.past_deltas(unet, "task2")
-    penalty = rid.clora_penalty(unet, "task2", deltas)
-    layers = [m for m in unet.modules() if isinstance(m, rid.BaseTunerLayer)]
+    deltas = baselines.past_deltas(unet, "task2")
+    penalty = baselines.clora_penalty(unet, "task2", deltas)
+    layers = list(baselines.lora_modules(unet).values())
     expected = sum(((m.lora_B["task1"].weight @ m.lora_A["task1"].weight).abs()
                     * (m.lora_B["task2"].weight @ m.lora_A["task2"].weight)).pow(2).sum() for m in layers)
     torch.testing.assert_close(penalty, expected)
@@ -1707,12 +1738,80 @@ def test_clora_penalises_the_new_adapter_where_earlier_adapters_changed_the_weig
     with torch.no_grad():
         for m in layers:
             m.lora_B["task1"].weight.zero_()
-    assert rid.clora_penalty(unet, "task2", rid.past_deltas(unet, "task2")) == 0
-    assert rid.past_deltas(unet, "task1") != {} and rid.clora_penalty(unet, "task1", {}) == 0
+    assert baselines.clora_penalty(unet, "task2", baselines.past_deltas(unet, "task2")) == 0
+    assert baselines.past_deltas(unet, "task1") != {} and baselines.clora_penalty(unet, "task1", {}) == 0
     # The first task's zero sits on the model's device, beside the other loss terms that step_metrics stacks (the
-    # meta device stands in for a GPU; a CPU zero made every GPU run with --clora-weight crash at its first step).
+    # meta device stands in for a GPU; a CPU zero made every GPU run with C-LoRA crash at its first step).
     unet.to("meta")
-    assert rid.clora_penalty(unet, "task1", {}).device == torch.device("meta")
+    assert baselines.clora_penalty(unet, "task1", {}).device == torch.device("meta")
+
+
+# ------------------------------------------------------------------- the comparison methods of baselines.py (issue 26)
+
+def test_backward_progressive_training_grows_k_backwards_in_levels_over_a_task():
+    """B^2-DiffuRL's schedule: K from `start` to T in `levels` equal stages of the task, whatever --k says."""
+    args = tiny_args(num_steps=10, steps_per_task=20, k=1)
+    method = baselines.build("progressive start=4 levels=4", args)
+    assert [method.k(1, step, args) for step in range(20)] == [4] * 5 + [6] * 5 + [8] * 5 + [10] * 5
+    assert baselines.build("progressive start=3 levels=1", args).k(1, 19, args) == 3
+
+
+def test_generative_replay_distils_at_renoised_replay_latents_against_the_task_start_model(monkeypatch):
+    """Masip et al.'s replay: the teacher (the task's adapter at B = 0: the model as the task started, also on a
+    resume inside it) draws replay latents in `steps` DDIM steps; each is re-noised at its own random timestep with
+    fresh noise; the term is 0 while the student is still the task-start model and has a gradient on the adapter."""
+    args, pipe, params, prompts, latents = tiny_setup(steps=4)
+    method = baselines.build("replay weight=2 steps=2", args)
+    method.start_task(pipe, params, 1, prompts, args)
+    assert all(torch.equal(method.teacher[n], torch.zeros_like(p)) for n, p in params.items() if ".lora_B." in n)
+    assert len(method.scheduler.timesteps) == 2
+    calls = []
+    unet_eps = rid.unet_eps
+    monkeypatch.setattr(rid, "unet_eps", lambda *a, **kw: calls.append(a[2]) or unet_eps(*a, **kw))
+    (weight, term), = method.losses(pipe, prompts, args, torch.Generator().manual_seed(0)).values()
+    assert weight == 2 and term > 0  # B != 0 in tiny_setup's adapter: the student has moved off the teacher
+    replay_steps, (student_t, teacher_t) = calls[:2], calls[2:]
+    assert [int(t) for t in replay_steps] == method.scheduler.timesteps.tolist()
+    assert student_t.shape == (2 * args.batch_size,) and torch.equal(student_t, teacher_t)
+    assert torch.equal(student_t[:args.batch_size], student_t[args.batch_size:])  # one timestep per picture
+    assert all(g is not None for n, g in zip(params, grads(params, term)) if ".lora_B." in n)
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(method.teacher[n])
+    (_, term), = method.losses(pipe, prompts, args, torch.Generator().manual_seed(0)).values()
+    assert term == 0
+
+
+def test_inflora_fixes_a_to_input_directions_the_earlier_tasks_leave_free():
+    """The interference-free basis is orthonormal and orthogonal to the subspace holding `energy` of the input
+    covariance; in a run, the second adapter's A is that basis for every LoRA layer and only B trains."""
+    directions = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))[0]
+    covariance = directions @ torch.diag(torch.tensor([50., 30., 10., 5., 2., 1., 0.5, 0.1])) @ directions.T
+    a = baselines.interference_free_basis(covariance, rank=2, energy=0.9)   # 90 %: the top 3 directions
+    torch.testing.assert_close(a @ a.T, torch.eye(2), atol=1e-5, rtol=0)
+    assert (a @ directions[:, :3]).abs().max() < 1e-5
+    torch.testing.assert_close((a @ directions[:, 3:5]).abs().sum(1), torch.ones(2), atol=1e-4, rtol=0)
+    top = baselines.interference_free_basis(covariance, rank=2, energy=None)   # task 1: the top directions
+    torch.testing.assert_close((top @ directions[:, :2]).abs().sum(1), torch.ones(2), atol=1e-4, rtol=0)
+    args, pipe, params = two_task_setup(torch.float32)
+    trainable = baselines.build("inflora energy=0.9", args).start_task(pipe, params, 2, ["a red circle"], args)
+    assert set(trainable) == {n for n in params if ".lora_B." in n}
+    for module in baselines.lora_modules(pipe.unet).values():
+        a = module.lora_A["task2"].weight
+        torch.testing.assert_close(a @ a.T, torch.eye(len(a)), atol=1e-4, rtol=0)
+
+
+def test_merged_loras_sum_each_weighted_adapter():
+    """merge_loras: the weight change of the merge is sum_i w_i B_i A_i, in PEFT's and in diffusers' key names."""
+    g = torch.Generator().manual_seed(0)
+    loras = [{"x.lora.down.weight": torch.randn(2, 5, generator=g), "x.lora.up.weight": torch.randn(3, 2, generator=g)}
+             for _ in range(3)]
+    merged = baselines.merge_loras(loras, [0.5, 1.0, 2.0])
+    expected = sum(w * lora["x.lora.up.weight"] @ lora["x.lora.down.weight"] for w, lora in zip([0.5, 1, 2], loras))
+    torch.testing.assert_close(merged["x.lora.up.weight"] @ merged["x.lora.down.weight"], expected)
+    peft = [{"x.lora_A.w": lora["x.lora.down.weight"], "x.lora_B.w": lora["x.lora.up.weight"]} for lora in loras]
+    merged = baselines.merge_loras(peft, [0.5, 1.0, 2.0])
+    torch.testing.assert_close(merged["x.lora_B.w"] @ merged["x.lora_A.w"], expected)
 
 
 # -------------------------------------------------------------------------------------- full scale, round 2 (issue 19)
