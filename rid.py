@@ -289,7 +289,7 @@ def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generato
             eps, _ = unet_eps(pipe.unet, pipe.scheduler.scale_model_input(x, t), t, text_emb)
             x = ddim_step(pipe, eps, t, x, args, generator, process)
     layers = args.feat_layers.split(",") if args.lambda_feat > 0 else ()
-    losses = []
+    states, first_call = [], None  # the gradient steps' inputs (x_in, t), for distillation at the gradient steps
     for i, t in enumerate(timesteps[split:], start=split):
         x_in = pipe.scheduler.scale_model_input(x, t)
         visited = (x, t) if i == distill_step else visited
@@ -299,17 +299,17 @@ def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generato
         with full_precision(x.device):
             eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb,
                                       layers if reuse else ())
-            if teacher is not None and distill_step is None:
-                own_call = (eps, feats) if reuse else None
-                losses.append(distil(pipe.unet, x_in, t, text_emb, layers, teacher, args, own_call))
+        if teacher is not None and distill_step is None:
+            states.append((x_in, t))
+            first_call = (eps, feats) if reuse else first_call
         x = ddim_step(pipe, eps, t, x, args, generator, process)
     if teacher is not None and visited is not None:
         x_t, t = visited
-        with full_precision(x.device):
-            losses.append(distil(pipe.unet, pipe.scheduler.scale_model_input(x_t, t), t, text_emb, layers, teacher,
-                                 args))
-    if not losses:
+        states = [(pipe.scheduler.scale_model_input(x_t, t), t)]
+    if not states:
         return x, {"loss_out": x.new_zeros(()), "loss_feat": x.new_zeros(())}
+    with full_precision(x.device):
+        losses = distil(pipe.unet, states, text_emb, layers, teacher, args, first_call)
     return x, {name: torch.stack([terms[name] for terms in losses]).mean() for name in losses[0]}
 
 
@@ -409,17 +409,43 @@ def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------------
 # Distillation: the student against the EMA teacher at visited states of the sampling chain.
 
-def distil(unet, x_in, t, text_emb, layers, teacher, args: Args, student=None) -> dict:
-    """The distillation terms at one visited state x_in (B,4,h,w), taken as data (detached): the student's outputs
-    there (its own checkpointed call, or `student` = (eps, feats) of a call that already saw exactly this detached
-    input) against the teacher's, which runs on the same UNet with its LoRA tensors swapped in, without gradients.
-    So the gradient is that of a regression at the states the sampler visits, whatever K is."""
-    x_in = x_in.detach()
-    if student is None:
-        student = checkpointed(args.checkpointing, unet_eps, unet, x_in, t, text_emb, layers)
+def distil(unet, states, text_emb, layers, teacher, args: Args, first_call=None) -> list[dict]:
+    """The distillation terms at visited states [(x_in (B,4,h,w), t), ...], each taken as data (detached): the
+    student's outputs there against the teacher's, which runs on the same UNet with its LoRA tensors swapped in,
+    without gradients. So the gradient is that of a regression at the states the sampler visits, whatever K is.
+    `first_call` = (eps, feats): the student's call that already saw exactly the first state (the first gradient
+    step's own). The other states go to the student in one checkpointed call, and all of them to the teacher in
+    one: K-1 and K states batched, so that K > 1 costs two UNet calls more, not 2K - 1 (the same terms, state by
+    state). Returns each state's terms."""
+    states = [(x_in.detach(), t) for x_in, t in states]
+    students = [first_call] if first_call is not None else []
+    rest = states[len(students):]
+    if rest:
+        students += split_states(*checkpointed(args.checkpointing, unet_eps, unet, *stack_states(rest, text_emb),
+                                               layers), len(rest))
     with torch.no_grad():
-        eps_teacher, feats_teacher = unet_eps(unet, x_in, t, text_emb, layers, params=teacher)
-    return distillation_losses(*student, eps_teacher, feats_teacher, layers)
+        teachers = split_states(*unet_eps(unet, *stack_states(states, text_emb), layers, params=teacher), len(states))
+    return [distillation_losses(*student, *teachers_k, layers) for student, teachers_k in zip(students, teachers)]
+
+
+def stack_states(states, text_emb):
+    """n states [(x (B,4,h,w), t)] as one UNet call's inputs: x (nB,4,h,w), a timestep per CFG sample (2nB,) and
+    text (2nB,77,D), ordered [uncond of each state; cond of each state] as unet_eps concatenates [x; x]."""
+    x = torch.cat([x for x, _ in states])
+    b = states[0][0].shape[0]
+    t = torch.cat([torch.as_tensor(t, device=x.device).expand(b) for _, t in states])
+    uncond, cond = text_emb.chunk(2)
+    return x, torch.cat([t, t]), torch.cat([uncond.repeat(len(states), 1, 1), cond.repeat(len(states), 1, 1)])
+
+
+def split_states(eps, feats, n):
+    """One call's outputs on n stacked states -> [(eps (2B,...), feats) per state], each [uncond; cond] as a call on
+    that state alone returns them."""
+    def per_state(h):
+        parts = h.view(2, n, -1, *h.shape[1:])                                   # (2, n, B, ...)
+        return [torch.cat([parts[0, k], parts[1, k]]) for k in range(n)]
+    eps_k, feats_k = per_state(eps), [per_state(h) for h in feats]
+    return [(eps_k[k], [f[k] for f in feats_k]) for k in range(n)]
 
 
 def distillation_losses(eps, feats, eps_teacher, feats_teacher, layers=()) -> dict:

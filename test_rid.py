@@ -1643,16 +1643,17 @@ def test_distillation_gradient_is_the_gradient_of_a_regression_at_the_visited_st
     args, pipe, params, prompts, latents = tiny_setup(steps=4, dtype=torch.float64, lambda_feat=1.0)
     with seeded(2):
         teacher = {n: p.detach() + 1e-2 * torch.randn_like(p) for n, p in params.items()}
-    visited, unet_eps = [], rid.unet_eps
+    visited, teacher_calls, unet_eps = [], [], rid.unet_eps
 
     def spy(unet, x, t, emb, layers=(), params=None):
-        if params is not None:
-            visited.append((x.detach().clone(), t))
+        if params is not None:  # one call on the K states, stacked: split back into (x_k, t_k), B = 2 each
+            teacher_calls.append(len(x))
+            visited.extend((x_k.detach().clone(), t[2 * k]) for k, x_k in enumerate(x.split(2)))
         return unet_eps(unet, x, t, emb, layers, params)
     monkeypatch.setattr(rid, "unet_eps", spy)
     emb = rid.encode_prompts(pipe, prompts)
     _, terms = rid.sample_latents(pipe, latents, emb, args, 3, teacher)
-    assert len(visited) == 3
+    assert teacher_calls == [6] and len(visited) == 3  # the teacher once, batched; the objective state by state
     with seeded(3):
         direction = {n: torch.randn_like(p) for n, p in params.items()}
     gradient = grads(params, terms["loss_out"] + terms["loss_feat"])
@@ -1684,7 +1685,7 @@ def test_trajectory_distillation_compares_the_teacher_once_at_the_drawn_step(mon
     calls, unet_eps = [], rid.unet_eps
 
     def spy(unet, x, t, emb, layers=(), params=None):
-        calls.append((int(t), params is not None, x.requires_grad))
+        calls.append((int(t.flatten()[0]), params is not None, x.requires_grad))
         return unet_eps(unet, x, t, emb, layers, params)
     monkeypatch.setattr(rid, "unet_eps", spy)
     timesteps = [int(t) for t in pipe.scheduler.timesteps]
