@@ -1573,6 +1573,16 @@ def test_the_committed_toy_models_load_through_the_real_loaders_and_mean_somethi
     assert all(value > 0.97 for split in accuracy.values() for value in split.values()), accuracy
 
 
+def test_the_toy_pipeline_runs_with_diffusers_defaults():
+    """toy/pipeline is a diffusers folder anyone can load with no arguments and sample from on a CPU (its weights were
+    stored in fp16, and diffusers' default load then failed with a dtype mismatch)."""
+    pipe = StableDiffusionPipeline.from_pretrained(rid.TOY_MODEL, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(["a red circle on a black background"], num_inference_steps=2, output_type="pt").images
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+
+
 def test_every_reward_of_the_benchmark_sequence_has_headroom_over_the_worlds_pictures():
     """On a small batch of seen combinations: each reward scores the same captions' pictures redrawn as it likes best
     well above the pictures as the world draws them (in units of their spread), and the toy hps orders pairs of one
