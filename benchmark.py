@@ -10,6 +10,7 @@ busy machine slows all of them alike; medians over --repeats rounds after one wa
 """
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import multiprocessing
@@ -46,6 +47,9 @@ class BenchmarkArgs:
     decode: bool = field(default=False, metadata={
         "help": "measure only the decode with gradients instead: rid.py's (one activation checkpoint per image) against "
                 "one checkpoint over the batch (the minimal loop's) and none, peak memory and seconds"})
+    trl: bool = field(default=False, metadata={
+        "help": "also time trl's AlignPropTrainer step on the same model, batch, T, CFG and reward (the public "
+                "reward-backprop trainer; removed in trl 0.24: pip install trl==0.23.1 in its own environment)"})
     flops: bool = field(default=False, metadata={
         "help": "count the FLOPs of one step's parts instead (torch's FlopCounterMode on the meta device: no "
                 "weights, no time) and where each runs under rid.py's precision policy"})
@@ -154,6 +158,35 @@ def minimal_step(pipe, scorer, params, optimizer, args: rid.Args, generator) -> 
     optimizer.zero_grad(set_to_none=True)
 
 
+def trl_step(opts: BenchmarkArgs, k: int, device: torch.device):
+    """One optimizer step of trl 0.23.1's AlignPropTrainer on its own copy of the benchmark's model, as a function:
+    trl's DDIM loop with LoRA r4 on the same layers, every UNet call with gradients in checkpointing and the latents
+    detached before the last K (truncated_backprop_timestep = T - K), the same reward, CFG, batch, lr and clipping."""
+    import tempfile
+    from accelerate import PartialState
+    try:
+        from trl import AlignPropConfig, AlignPropTrainer
+        from trl.models.modeling_sd_base import DefaultDDPOStableDiffusionPipeline
+    except ImportError:
+        raise checks.UsageError("--trl needs trl 0.23.1 (its AlignPropTrainer is gone from 0.24): pip install "
+                                "trl==0.23.1 in its own virtual environment") from None
+    args = bench_args(opts, "plain", k)
+    sd = object.__new__(DefaultDDPOStableDiffusionPipeline)  # its __init__ downloads by name; this is the same model
+    sd.sd_pipeline, sd.use_lora = rid.load_pipeline(args, device), True
+    config = AlignPropConfig(sample_num_steps=args.num_steps, sample_guidance_scale=args.guidance_scale, sample_eta=0.0,
+                             train_batch_size=args.batch_size, truncated_backprop_rand=False,
+                             truncated_backprop_timestep=args.num_steps - k, train_learning_rate=args.lr,
+                             train_max_grad_norm=args.grad_clip, mixed_precision="no", log_with=None,
+                             project_kwargs={"project_dir": tempfile.mkdtemp()})
+    scorer = bench_scorer(opts, device)
+    prompts = itertools.cycle(checks.DEFAULT_PROMPTS)
+    PartialState()  # trl logs through Accelerate before it builds its Accelerator
+    trainer = AlignPropTrainer(config, lambda images, batch, metadata: (scorer(images, list(batch)), {}),
+                               lambda: (next(prompts), {}), sd)
+    sd.sd_pipeline.set_progress_bar_config(disable=True)
+    return lambda: trainer.step(0, 0)
+
+
 def synchronized_seconds(fn, device: torch.device) -> float:
     """Wall-clock seconds of fn(), with the GPU's queued work finished before and after."""
     if device.type == "cuda":
@@ -180,6 +213,8 @@ def step_times(opts: BenchmarkArgs, ks: list[int], device: torch.device) -> dict
         if opts.mixed_precision == "no":  # the minimal loop has no precision policy: compared in fp32 only
             minimal = (pipe, scorer, params, optimizer, bench_args(opts, "plain", k), torch.Generator().manual_seed(0))
             jobs[f"minimal K={k}"] = lambda minimal=minimal: minimal_step(*minimal)
+        if opts.trl:
+            jobs[f"trl K={k}"] = trl_step(opts, k, device)
     pipe3, params3, _, optimizer3 = bench_setup(opts, device, tasks=3)  # task 3: two frozen adapters, one trained
     args = bench_args(opts, "rid", ks[0])  # plain trains one shared adapter: its task 3 is its task 1
     step = (pipe3, scorer, params3, rid.new_teacher(params3, args), optimizer3, args, torch.Generator().manual_seed(0))
@@ -294,8 +329,8 @@ def benchmark_tables(result: dict) -> str:
     for k in result["ks"]:
         plain, rid_, floor = seconds[f"plain K={k}"], seconds[f"rid K={k}"], (t + 3 * k) / t
         time_rows.append([str(k), plain, rid_, rid_ / plain, ratio(plain, seconds.get(f"minimal K={k}")),
-                          plain / seconds["sampling"], floor, plain / seconds["sampling"] / floor,
-                          rid_ / seconds["sampling"] / floor])
+                          ratio(plain, seconds.get(f"trl K={k}")), plain / seconds["sampling"], floor,
+                          plain / seconds["sampling"] / floor, rid_ / seconds["sampling"] / floor])
         on, off = memory[f"K={k} checkpointing on"], memory[f"K={k} checkpointing off"]
         first_on, first_off = (memory[f"K={result['ks'][0]} checkpointing {c}"] for c in ("on", "off"))
         memory_rows.append([str(k), mib(on), ratio(on, first_on), mib(off), ratio(off, first_off)])
@@ -306,8 +341,9 @@ def benchmark_tables(result: dict) -> str:
         f"{result['reward']}, --mixed-precision {result['precision']}, {result['device']}; medians of "
         f"{result['repeats']} rounds; one sampling pass: "
         f"{seconds['sampling']:.4g} s",
-        markdown_table(["K", "plain s/step", "RID s/step", "RID / plain", "plain / minimal loop", "plain / sampling",
-                        "floor (T+3K)/T", "plain / sampling / floor", "RID / sampling / floor"], time_rows),
+        markdown_table(["K", "plain s/step", "RID s/step", "RID / plain", "plain / minimal loop", "plain / trl",
+                        "plain / sampling", "floor (T+3K)/T", "plain / sampling / floor", "RID / sampling / floor"],
+                       time_rows),
         f"RID at K={first}, task 3 (two frozen adapters) / task 1: {task3:.4g} s / {seconds[f'rid K={first}']:.4g} s"
         f" = {task3 / seconds[f'rid K={first}']:.3f}",
         markdown_table(["K", "peak MiB, checkpointing on", f"on / on at K={first}", "peak MiB, checkpointing off",
