@@ -20,8 +20,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from rewards import fetching, seeded
-
+from rewards import TOY_DIR, TOY_HINT, MissingWeights, fetching, seeded
 
 
 def clip_tokenizer(tmp_dir: str, model_max_length: int = 77) -> CLIPTokenizer:
@@ -82,6 +81,34 @@ def pipeline_download(model: str) -> str:
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def restore_hint(model: str) -> str:
+    """How to get back a damaged or incomplete pipeline: the toy world's from git or pretrain_toy.py, a local
+    directory from wherever it was saved, a hub id's cache by downloading it again."""
+    path = Path(model).expanduser()
+    if path.resolve().is_relative_to(TOY_DIR.resolve()):
+        return TOY_HINT
+    if path.is_dir():
+        return f"restore {model} (save_pretrained it again, or copy it back), or pass another --model"
+    return f"download it again with `{pipeline_download(model)}`"
+
+
+def check_tokenizer(pipe: StableDiffusionPipeline, model: str) -> None:
+    """The tokenizer fits the text encoder: its vocabulary is the encoder's embedding table and it reads at most the
+    encoder's positions. transformers builds a 2-token tokenizer without tokenizer.json (the run then trains
+    prompt-blind) and one that reads 10^30 tokens without tokenizer_config.json (a crash at the first prompt, after the
+    run's files are written), without a word."""
+    vocabulary, rows = len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().num_embeddings
+    length, positions = pipe.tokenizer.model_max_length, pipe.text_encoder.config.max_position_embeddings
+    if vocabulary != rows:
+        raise MissingWeights(f"--model {model}: its tokenizer has {vocabulary} tokens but its text encoder embeds "
+                             f"{rows} (is tokenizer/tokenizer.json, or vocab.json, missing or damaged?); "
+                             f"{restore_hint(model)}")
+    if length > positions:
+        raise MissingWeights(f"--model {model}: its tokenizer reads {length} tokens but its text encoder has "
+                             f"{positions} positions (is tokenizer/tokenizer_config.json missing or damaged?); "
+                             f"{restore_hint(model)}")
+
+
 def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
     """The frozen base model with a DDIM scheduler, the same object in every mode: --model (SD1.5 from the hub, or the
     toy world's pipeline folder in tiny mode) read by diffusers, or SD1.5's architecture built with random weights.
@@ -97,6 +124,7 @@ def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
                       f"`{pipeline_download(args.model)}`, or pass a local diffusers directory with --model PATH"):
             pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32, safety_checker=None,
                                                            requires_safety_checker=False)
+        check_tokenizer(pipe, args.model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):

@@ -217,12 +217,14 @@ def fetching(what: str, how: str, errors: tuple = (OSError, ValueError)):
         logging.disable(logging.NOTSET)
 
 
+TOY_HINT = "restore toy/ from git (`git checkout -- toy`) or rerun `python pretrain_toy.py`"
+
+
 def toy_file(name: str) -> str:
     """A toy-world weight file (toy/), or a one-line MissingWeights saying how to make it."""
     path = TOY_DIR / name
     if not path.is_file():
-        raise MissingWeights(f"cannot load the toy model {path} (no such file); restore toy/ from git, or retrain it "
-                             "with `python pretrain_toy.py`")
+        raise MissingWeights(f"cannot load the toy model {path} (no such file); {TOY_HINT}")
     return str(path)
 
 

@@ -2139,3 +2139,30 @@ def test_ctrl_c_during_pretraining_keeps_every_file_it_had_not_finished(tmp_path
         line = stop_and_check(proc, lambda: os.killpg(proc.pid, signal.SIGINT), 130)
     assert line.startswith("pretrain_toy.py: interrupted by SIGINT")
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------ faults, round 3 (issue 27)
+
+def damaged_copy(t: Path, damage: dict[str, bytes | None]) -> Path:
+    """A copy of toy/pipeline in t with each named file replaced by the given bytes, or removed (None)."""
+    pipeline = t / "pipeline"
+    shutil.copytree(rewards.TOY_DIR / "pipeline", pipeline)
+    for name, data in damage.items():
+        (pipeline / name).unlink() if data is None else (pipeline / name).write_bytes(data)
+    return pipeline
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"tokenizer/tokenizer.json": None}, "its tokenizer has 2 tokens but its text encoder embeds 49408"),
+    ({"tokenizer/tokenizer_config.json": None}, "its tokenizer reads 1000000000000000019884624838656 tokens but its "
+                                                "text encoder has 16 positions"),
+], ids=["no tokenizer.json", "no tokenizer_config.json"])
+def test_a_tokenizer_that_does_not_fit_the_text_encoder_is_refused_before_anything_is_written(damage, message,
+                                                                                              tmp_path, capsys):
+    """Before: without tokenizer.json transformers built a 2-token tokenizer and the run trained prompt-blind to exit
+    0; without tokenizer_config.json an OverflowError traceback came after config.json and metrics.jsonl."""
+    pipeline = damaged_copy(tmp_path, damage)
+    status = rid.cli([*Q, "--model", str(pipeline), "--out-dir", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+    assert f"restore {pipeline}" in stderr and not (tmp_path / "run").exists()
