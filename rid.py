@@ -548,6 +548,13 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
 SPREAD_IMAGES = 16  # pictures that measure a reward's spread at a task's start
 
 
+def task_seed(seed: int, task: int) -> int:
+    """The seed of what a task draws at its start, apart from the run's streams: seed * 1000 + task modulo 2^64, the
+    range torch.Generator.manual_seed takes, so that every --seed in [0, 2^63) works (10^17 x 1000 overflowed after
+    config.json was written) and seeds below 2^63 / 1000 keep the draws they always had."""
+    return (seed * 1000 + task) % 2 ** 64
+
+
 def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> float | list[float]:
     """sigma_n, the unit of L_reward with --reward-norm task-start-std: the standard deviation of reward n over
     SPREAD_IMAGES pictures of the model as the task starts (prompts and x_T seeded by --seed and the task, the run's
@@ -558,7 +565,7 @@ def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> fl
     if args.reward_norm == "none":
         return 1.0
     parts = scorer.parts if isinstance(scorer, RewardSum) else scorer  # (B, J) or (B,)
-    generator = torch.Generator().manual_seed(args.seed * 1000 + task)
+    generator = torch.Generator().manual_seed(task_seed(args.seed, task))
     chosen = [prompts[i] for i in torch.randint(len(prompts), (SPREAD_IMAGES,), generator=generator)]
     latents = initial_latents(pipe, SPREAD_IMAGES, args.resolution, generator)
     rewards = []

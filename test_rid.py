@@ -2166,3 +2166,11 @@ def test_a_tokenizer_that_does_not_fit_the_text_encoder_is_refused_before_anythi
     stderr = capsys.readouterr().err
     assert status == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
     assert f"restore {pipeline}" in stderr and not (tmp_path / "run").exists()
+
+
+def test_the_largest_seed_trains(tmp_path):
+    """Before: --seed 10^17 passed the checks and crashed (Overflow when unpacking long long) at the first task's
+    spread, after config.json and metrics.jsonl were written."""
+    flags = tiny_flags(rewards="compressibility", steps_per_task=1, num_steps=2, resolution=16, seed=2 ** 63 - 1)
+    assert rid.cli([*flags, "--out-dir", str(tmp_path)]) == 0
+    assert rid.task_seed(10 ** 17, 2) < 2 ** 64 and rid.task_seed(3, 2) == 3002  # the old draws for small seeds
