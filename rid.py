@@ -614,6 +614,8 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     torch.manual_seed(args.seed)  # LoRA initialisation: the same on every process
     run.open(pipe, prompts, add_task_adapter)  # checks that need the model, the run's files, the checkpoint restored
+    if run.finished:  # by another --resume while the models were built
+        return None
     run.accelerator.print(threads, file=sys.stderr)
     with run.training():
         for task, name in run.tasks():

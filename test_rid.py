@@ -2174,3 +2174,33 @@ def test_the_largest_seed_trains(tmp_path):
     flags = tiny_flags(rewards="compressibility", steps_per_task=1, num_steps=2, resolution=16, seed=2 ** 63 - 1)
     assert rid.cli([*flags, "--out-dir", str(tmp_path)]) == 0
     assert rid.task_seed(10 ** 17, 2) < 2 ** 64 and rid.task_seed(3, 2) == 3002  # the old draws for small seeds
+
+
+def test_a_resume_reads_the_checkpoint_again_under_the_lock(tmp_path, monkeypatch, capsys):
+    """A second --resume started while a first one runs, and given the lock only after the first has finished the run,
+    has nothing to do. Before: it continued from the checkpoint it had read before building its models, cut
+    metrics.jsonl back and trained and wrote the last steps again."""
+    out = tmp_path / "run"
+    command = [*STOP_FLAGS, "--out-dir", str(out), "--resume"]
+    calls, train_step, load_pipeline = [], rid.train_step, rid.load_pipeline
+
+    def aborted_in_step_3(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return train_step(*args, **kwargs)
+    monkeypatch.setattr(rid, "train_step", aborted_in_step_3)
+    assert rid.cli(command) == 130  # the checkpoint of step 2
+    monkeypatch.setattr(rid, "train_step", train_step)
+    finished = []
+
+    def the_first_resume_finishes_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(rid, "load_pipeline", load_pipeline)
+        assert rid.cli(command) == 0
+        finished.append(snapshot(out))
+        return load_pipeline(*args, **kwargs)
+    monkeypatch.setattr(rid, "load_pipeline", the_first_resume_finishes_meanwhile)
+    capsys.readouterr()
+    assert rid.cli(command) == 0
+    assert capsys.readouterr().err.endswith(f"{out}: all 1 tasks are done; nothing to do\n")
+    assert snapshot(out) == finished[0] and metric_lines(out) == 4
