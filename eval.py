@@ -104,12 +104,22 @@ def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     except checks.UsageError as error:
         raise checks.UsageError(f"{run}/config.json holds a value rid.py would refuse ({error}); restore it") from None
     tasks = [run / f"task{i}_{name}" for i, name in enumerate(rid.reward_names(args), start=1)]
+    check_finished(run, len(tasks))
     for task in tasks:
         if not (task / runfiles.LORA_FILE).is_file():
             raise checks.UsageError(f"{run}: incomplete run, {task.name}/{runfiles.LORA_FILE} is missing "
                                  "(did rid.py finish?)")
         check_lora_file(task / "pytorch_lora_weights.safetensors")
     return args, tasks
+
+
+def check_finished(run: Path, tasks: int) -> None:
+    """A run whose checkpoint is inside its tasks stopped early: its task directories from the checkpoint's task on
+    are absent (a restart moves an earlier attempt's aside) or about to be written again, so it is not evaluated."""
+    checkpoint = runfiles.load_checkpoint(run)
+    if checkpoint is not None and checkpoint["task"] <= tasks:
+        raise checks.UsageError(f"{run}: unfinished run, stopped at task {checkpoint['task']}, step "
+                                f"{checkpoint['step']}; finish it (rid.py with its flags and --resume), then evaluate")
 
 
 def check_lora_file(path: Path) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -334,6 +335,32 @@ def write_lora(directory: Path, lora: dict[str, torch.Tensor]) -> None:
     StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(lora))
     save_file(convert_state_dict_to_kohya({f"unet.{key}": value for key, value in lora.items()}),
               directory / KOHYA_FILE)
+
+
+STALE = "stale"  # OUT/stale/attempt<n>/: the task directories of an earlier attempt, moved aside by a restart
+
+
+def task_number(directory: Path) -> int | None:
+    """n of a task directory's name, task{n}_{reward} (None for another name, or a temporary directory)."""
+    match = re.fullmatch(r"task(\d+)_.+", directory.name)
+    return int(match[1]) if match and not directory.name.endswith(".tmp") and directory.is_dir() else None
+
+
+def move_stale_tasks(out: Path, first: int) -> str | None:
+    """A resumed run trains again from task `first` (the checkpoint's task; 1 without a checkpoint, deleted or never
+    written): the task directories from there on are an earlier attempt's, which eval.py would take for this one's if
+    this attempt stopped early. They go to OUT/stale/attempt<n>/, nothing lost; returns the line that says so."""
+    stale = sorted((d for d in out.glob("task[0-9]*_*") if (task_number(d) or 0) >= first), key=task_number)
+    if not stale:
+        return None
+    attempts = out / STALE
+    aside = attempts / f"attempt{len(list(attempts.glob('attempt*'))) + 1 if attempts.is_dir() else 1}"
+    with failed_write(aside):
+        aside.mkdir(parents=True)
+        for directory in stale:
+            os.replace(directory, aside / directory.name)
+    return (f"moved {', '.join(d.name for d in stale)} aside to {aside}: an earlier attempt wrote them, and this one "
+            f"trains again from task {first}")
 
 
 def write_run_files(args, out: Path, new: bool) -> str | None:

@@ -32,8 +32,8 @@ import figures
 from checks import (TRACKERS, Interrupted, TrainingStopped, UsageError, check_world_size, reward_names,
                     stop_requested, warn_long_prompts)
 from runfiles import (CHECKPOINT, KOHYA_FILE, LORA_FILE, Progress, WriteFailed, atomic_dir, atomic_write,
-                      check_checkpoint, keep_lines, load_checkpoint, lock_run_dir, restore, resume_hint, resume_task,
-                      save_checkpoint, write_lora, write_run_files)
+                      check_checkpoint, keep_lines, load_checkpoint, lock_run_dir, move_stale_tasks, restore,
+                      resume_hint, resume_task, save_checkpoint, write_lora, write_run_files)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data parallel: the LoRA gradients, the step's metrics and DDIM's noise across processes.
@@ -303,6 +303,10 @@ class Run:
             if self.lock is not None:
                 self.lock.close()
             return
+        if self.is_main and self.args.resume and not self.new:
+            moved = move_stale_tasks(self.out, self.checkpoint["task"] if self.checkpoint else 1)
+            if moved:
+                print(moved, file=sys.stderr)
         run_id = self.write_files() if self.is_main else None
         self.progress = Progress(self.out, torch.Generator().manual_seed(self.args.seed), run_id,  # same everywhere
                                  processes=self.accelerator.num_processes)

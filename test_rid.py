@@ -2176,20 +2176,26 @@ def test_the_largest_seed_trains(tmp_path):
     assert rid.task_seed(10 ** 17, 2) < 2 ** 64 and rid.task_seed(3, 2) == 3002  # the old draws for small seeds
 
 
+def aborted_in_step(n: int):
+    """rid.train_step, with a second Ctrl-C (an abort at once, no checkpoint) in the n-th step of the run (1-based)."""
+    calls, train_step = [], rid.train_step
+
+    def step(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return train_step(*args, **kwargs)
+    return step
+
+
 def test_a_resume_reads_the_checkpoint_again_under_the_lock(tmp_path, monkeypatch, capsys):
     """A second --resume started while a first one runs, and given the lock only after the first has finished the run,
     has nothing to do. Before: it continued from the checkpoint it had read before building its models, cut
     metrics.jsonl back and trained and wrote the last steps again."""
     out = tmp_path / "run"
     command = [*STOP_FLAGS, "--out-dir", str(out), "--resume"]
-    calls, train_step, load_pipeline = [], rid.train_step, rid.load_pipeline
-
-    def aborted_in_step_3(*args, **kwargs):
-        calls.append(None)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return train_step(*args, **kwargs)
-    monkeypatch.setattr(rid, "train_step", aborted_in_step_3)
+    train_step, load_pipeline = rid.train_step, rid.load_pipeline
+    monkeypatch.setattr(rid, "train_step", aborted_in_step(3))
     assert rid.cli(command) == 130  # the checkpoint of step 2
     monkeypatch.setattr(rid, "train_step", train_step)
     finished = []
@@ -2204,3 +2210,24 @@ def test_a_resume_reads_the_checkpoint_again_under_the_lock(tmp_path, monkeypatc
     assert rid.cli(command) == 0
     assert capsys.readouterr().err.endswith(f"{out}: all 1 tasks are done; nothing to do\n")
     assert snapshot(out) == finished[0] and metric_lines(out) == 4
+
+
+def test_a_restart_moves_the_earlier_attempts_tasks_aside_and_eval_takes_only_a_finished_run(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """checkpoint.pt deleted (as the messages advise to restart a run), and the restart stopped in task 2: before,
+    task2_compressibility of the earlier attempt stayed in place and eval.py evaluated a mix of the two attempts."""
+    out = tmp_path / "run"
+    command = [*tiny_flags(SMALL, rewards="aesthetic,compressibility", steps_per_task=2), "--out-dir", str(out)]
+    assert rid.cli(command) == 0
+    (out / "checkpoint.pt").unlink()
+    monkeypatch.setattr(rid, "train_step", aborted_in_step(3))  # the first of task 2
+    capsys.readouterr()
+    assert rid.cli([*command, "--resume"]) == 130
+    aside = out / "stale" / "attempt1"
+    assert (f"moved task1_aesthetic, task2_compressibility aside to {aside}: an earlier attempt wrote them, and this "
+            "one trains again from task 1") in capsys.readouterr().err
+    assert sorted(p.name for p in aside.iterdir()) == ["task1_aesthetic", "task2_compressibility"]
+    assert (out / "task1_aesthetic" / LORA_FILE).is_file() and not (out / "task2_compressibility").exists()
+    shutil.copytree(aside / "task2_compressibility", out / "task2_compressibility")  # even with every task's LoRA
+    with pytest.raises(cli.UsageError, match="unfinished run, stopped at task 2, step 0; finish it"):
+        evaluation.load_run(out)
