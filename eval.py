@@ -105,11 +105,12 @@ def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
         raise checks.UsageError(f"{run}/config.json holds a value rid.py would refuse ({error}); restore it") from None
     tasks = [run / f"task{i}_{name}" for i, name in enumerate(rid.reward_names(args), start=1)]
     check_finished(run, len(tasks))
-    for task in tasks:
+    for i, (task, name) in enumerate(zip(tasks, rid.reward_names(args)), start=1):
         if not (task / runfiles.LORA_FILE).is_file():
             raise checks.UsageError(f"{run}: incomplete run, {task.name}/{runfiles.LORA_FILE} is missing "
                                  "(did rid.py finish?)")
-        check_lora_file(task / "pytorch_lora_weights.safetensors")
+        rank = args.lora_rank * (1 if args.shared_adapter else i)  # the adapters of tasks 1..i, stacked
+        check_lora_file(task / runfiles.LORA_FILE, runfiles.read_run_id(run), i, name, rank)
     return args, tasks
 
 
@@ -122,14 +123,25 @@ def check_finished(run: Path, tasks: int) -> None:
                                 f"{checkpoint['step']}; finish it (rid.py with its flags and --resume), then evaluate")
 
 
-def check_lora_file(path: Path) -> None:
-    """The file is a complete safetensors file: safe_open checks that its header parses and covers the whole file."""
+def check_lora_file(path: Path, run_id: str | None, task: int, reward: str, rank: int) -> None:
+    """The file is a complete safetensors file (safe_open checks that its header parses and covers the whole file)
+    holding this run's task `task`: its metadata names them (files written before it did have none) and its stacked
+    rank is the task's. A LoRA file copied from another task or run would be scored as this one without a word."""
     try:
-        with safe_open(path, "pt"):
-            pass
-    except (SafetensorError, OSError) as error:
-        raise checks.UsageError(f"{path} cannot be read ({error}); it is damaged or truncated: rerun that task with "
-                             "rid.py --resume from a checkpoint, or train the run again") from None
+        with safe_open(path, "pt") as f:
+            held = f.metadata() or {}
+            found = next(f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith(".lora.down.weight"))
+    except (SafetensorError, OSError, StopIteration) as error:
+        raise checks.UsageError(f"{path} cannot be read ({error or 'no LoRA tensor'}); it is damaged or truncated: "
+                                "rerun that task with rid.py --resume from a checkpoint, or train the run again"
+                                ) from None
+    expected = {runfiles.LORA_RUN: run_id, runfiles.LORA_TASK: str(task), runfiles.LORA_REWARD: reward}
+    other = {key: value for key, value in expected.items() if key in held and held[key] != value}
+    if other or found != rank:
+        holds = (f"task {held.get(runfiles.LORA_TASK)} ({held.get(runfiles.LORA_REWARD)}) of run "
+                 f"{held.get(runfiles.LORA_RUN)}" if other else f"a LoRA of rank {found}")
+        raise checks.UsageError(f"{path} holds {holds}, not task {task} ({reward}) of this run (run {run_id}, rank "
+                                f"{rank}); copy the right file back, or train the run again")
 
 
 def eval_settings(opts: EvalArgs) -> tuple[list[str] | None, list[int], list[str]]:

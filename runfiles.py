@@ -22,8 +22,8 @@ from typing import TextIO
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+import safetensors.torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from cli import UsageError, flag
 from models import lora_shapes
@@ -328,13 +328,24 @@ def is_metrics_line(line: bytes | str) -> bool:
         return False
 
 
-def write_lora(directory: Path, lora: dict[str, torch.Tensor]) -> None:
+# The safetensors metadata of each LoRA file beside diffusers' {"format": "pt"}: which run, task and reward it holds.
+LORA_RUN, LORA_TASK, LORA_REWARD = "rid_run_id", "rid_task", "rid_reward"
+
+
+def write_lora(directory: Path, lora: dict[str, torch.Tensor], run_id: str | None, task: int, reward: str) -> None:
     """A task's LoRA (PEFT's key names, rid.lora_state_dict) twice: in diffusers' format (LORA_FILE, for
     pipe.load_lora_weights) and in kohya's (KOHYA_FILE: lora_unet_... keys, lora_down/lora_up, an alpha per layer
-    equal to its rank, so scale 1), which ComfyUI, A1111 / Forge and diffusers itself load."""
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(lora))
-    save_file(convert_state_dict_to_kohya({f"unet.{key}": value for key, value in lora.items()}),
-              directory / KOHYA_FILE)
+    equal to its rank, so scale 1), which ComfyUI, A1111 / Forge and diffusers itself load. Each names its run, task
+    and reward in its metadata, which eval.py checks (a file copied from another task is not evaluated as this one),
+    and is written as every other output is, with the mode the umask gives (safetensors' save_file writes 600, which
+    a service running as another user cannot read)."""
+    metadata = {"format": "pt", LORA_TASK: str(task), LORA_REWARD: reward} | ({LORA_RUN: run_id} if run_id else {})
+
+    def save(tensors: dict[str, torch.Tensor], path) -> None:
+        Path(path).write_bytes(safetensors.torch.save(tensors, metadata))
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(lora),
+                                              save_function=save)
+    save(convert_state_dict_to_kohya({f"unet.{key}": value for key, value in lora.items()}), directory / KOHYA_FILE)
 
 
 STALE = "stale"  # OUT/stale/attempt<n>/: the task directories of an earlier attempt, moved aside by a restart

@@ -425,7 +425,7 @@ class Run:
         titles = figures.model_titles(reward_names(args))
         grid = figures.image_grid(images, [titles[0], titles[task]], [f"{p}\nseed {args.seed}" for p in prompts])
         with atomic_dir(out / f"task{task}_{self.name}") as tmp:
-            write_lora(tmp, lora)
+            write_lora(tmp, lora, self.progress.run_id, task, self.name)
             grid.save(tmp / "samples.png")
         curves = figures.training_curves(figures.read_metrics(out / "metrics.jsonl"), args.grad_clip)
         atomic_write(out / "training_curves.png", lambda f: curves.savefig(f, format="png"))

@@ -31,6 +31,7 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub.errors import LocalEntryNotFoundError
 from peft import get_peft_model_state_dict
 from PIL import Image, ImageFont
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import CLIPImageProcessor
@@ -1788,8 +1789,10 @@ def test_only_the_current_tasks_scorer_is_on_the_training_device(tmp_path, monke
 
 def test_each_task_also_writes_a_kohya_lora_that_diffusers_reads_as_the_same_model(tmp_path):
     args, pipe, _ = two_task_setup(torch.float32)
-    runfiles.write_lora(tmp_path, rid.lora_state_dict(pipe.unet))
+    runfiles.write_lora(tmp_path, rid.lora_state_dict(pipe.unet), "abc", 2, "hps")
     kohya = load_file(tmp_path / runfiles.KOHYA_FILE)
+    with safe_open(tmp_path / runfiles.KOHYA_FILE, "pt") as f:  # ComfyUI shows it; eval.py reads the diffusers file's
+        assert f.metadata() == {"format": "pt", "rid_run_id": "abc", "rid_task": "2", "rid_reward": "hps"}
     assert all(key.startswith("lora_unet_") for key in kohya)
     alphas = [key for key in kohya if key.endswith(".alpha")]
     assert alphas and all(kohya[key].item() == 8 for key in alphas)  # two stacked rank-4 adapters: alpha = rank
@@ -2231,3 +2234,31 @@ def test_a_restart_moves_the_earlier_attempts_tasks_aside_and_eval_takes_only_a_
     shutil.copytree(aside / "task2_compressibility", out / "task2_compressibility")  # even with every task's LoRA
     with pytest.raises(cli.UsageError, match="unfinished run, stopped at task 2, step 0; finish it"):
         evaluation.load_run(out)
+
+
+def test_eval_refuses_a_lora_file_of_another_task_and_every_lora_file_has_the_outputs_mode(tmp_path):
+    """Each LoRA file names its run, task and reward in its metadata. Before: task 1's file copied over task 2's was
+    evaluated as "after task 2" (exit 0), and both LoRA files were written mode 600 (a service running as another user
+    could not read them) while every other output follows the umask."""
+    run = tmp_path / "run"
+    (run / "task1_aesthetic").mkdir(parents=True)
+    (run / "task2_hps").mkdir()
+    (run / "config.json").write_text(json.dumps({**dataclasses.asdict(tiny_args(rewards="aesthetic,hps")),
+                                                 "run_id": "abc"}))
+
+    def lora(rank):
+        layer = "mid_block.attentions.0.transformer_blocks.0.attn1.to_k"
+        return {f"{layer}.lora_A.weight": torch.ones(rank, 8), f"{layer}.lora_B.weight": torch.ones(8, rank)}
+    for task, name in ((1, "aesthetic"), (2, "hps")):
+        runfiles.write_lora(run / f"task{task}_{name}", lora(4 * task), "abc", task, name)
+    evaluation.load_run(run)
+    modes = {path.stat().st_mode & 0o777 for path in [run / "config.json", *run.glob("task*/*.safetensors")]}
+    assert len(modes) == 1
+    shutil.copy(run / "task1_aesthetic" / LORA_FILE, run / "task2_hps" / LORA_FILE)
+    with pytest.raises(cli.UsageError, match=r"task2_hps/pytorch_lora_weights.safetensors holds task 1 \(aesthetic\) "
+                                             r"of run abc, not task 2 \(hps\) of this run \(run abc, rank 8\)"):
+        evaluation.load_run(run)
+    StableDiffusionPipeline.save_lora_weights(run / "task2_hps", unet_lora_layers=convert_state_dict_to_diffusers(
+        lora(4)))  # as files were written before they named their task: the rank tells
+    with pytest.raises(cli.UsageError, match=r"holds a LoRA of rank 4, not task 2 \(hps\)"):
+        evaluation.load_run(run)
