@@ -8,7 +8,7 @@ that the model keeps what earlier tasks taught it and its visual structure:
     L_reward = -(s / sigma_n) * mean_b r_n(x_0^b, c^b)   x_0 = decode(DDIM(x_T, c)), grads only in the last K steps;
                sigma_n = the reward's spread at the task's start                                 (reward_spread)
     L_out    = mean_k || eps_S(sg(x_k), t_k, c) - eps_T(sg(x_k), t_k, c) ||^2                           (distil)
-    L_feat   = mean_k mean_l || h_S^l(sg(x_k), ...) - h_T^l(sg(x_k), ...) ||^2 / Var(h_T^l)  (distillation_losses)
+    L_feat   = mean_k mean_l mean_b || h_S^l,b(sg(x_k), ...) - h_T^l,b(...) ||^2 / Var(h_T^l,b)     (scale_free_mse)
     theta_T <- mu * theta_T + (1 - mu) * theta_S            after every optimizer step (ema_update)
 
 The distillation terms are a regression at the states x_k the sampler visits, taken as data (sg: stop-gradient):
@@ -51,8 +51,8 @@ class Args:
     k: int = option(1, "the last K DDIM steps carry gradients (1 <= K <= T)")
     random_k: bool = option(False, "draw K uniformly from 1..k once per batch")
     lambda_out: float = option(1.0, "weight of output (eps) distillation")
-    lambda_feat: float = option(1.0, "weight of feature distillation (each layer's MSE over the teacher's "
-                                "activation variance)")
+    lambda_feat: float = option(1.0, "weight of feature distillation (each image's MSE at each layer over the "
+                                "variance of the teacher's activations of that image)")
     feat_layers: str = option("mid_block,up_blocks.0,up_blocks.1", "UNet modules whose outputs are distilled, "
                               "comma-separated")
     ema_decay: float | None = option(None, "teacher EMA decay mu in [0, 1]; horizon ~1/(1-mu) steps; 1 = frozen "
@@ -424,14 +424,23 @@ def distil(unet, x_in, t, text_emb, layers, teacher, args: Args, student=None) -
 
 
 def distillation_losses(eps, feats, eps_teacher, feats_teacher, layers=()) -> dict:
-    """L_out = ||eps_S - eps_T||^2 (a mean over elements), and L_feat = mean over layers of ||h_S - h_T||^2 / Var(h_T):
-    each layer's MSE divided by the variance of the teacher's activations there, so that every layer counts alike
-    and one --lambda-feat means the same on any model and resolution. Each layer's term is returned too."""
+    """L_out = ||eps_S - eps_T||^2 (a mean over elements), and L_feat = mean over layers of scale_free_mse: so that
+    every layer counts alike and one --lambda-feat means the same on any model and resolution. Each layer's term is
+    returned too."""
     l_out = F.mse_loss(eps, eps_teacher)
-    per_layer = {f"loss_feat/{name}": F.mse_loss(h, h_t) / h_t.var().clamp_min(1e-12)
-                 for name, h, h_t in zip(layers, feats, feats_teacher)}
+    per_layer = {f"loss_feat/{name}": scale_free_mse(h, h_t) for name, h, h_t in zip(layers, feats, feats_teacher)}
     l_feat = torch.stack(list(per_layer.values())).mean() if per_layer else 0 * l_out
     return {"loss_out": l_out, "loss_feat": l_feat, **per_layer}
+
+
+def scale_free_mse(h: torch.Tensor, h_teacher: torch.Tensor) -> torch.Tensor:
+    """mean_b ||h^b - h_T^b||^2 / Var(h_T^b) for one layer's activations (2B, C, h, w): each image's MSE over the
+    variance of the teacher's activations of that image (the rows of the CFG batch, each over its channels and
+    positions), then the mean over images. A mean over images is what makes the objective the same however the batch
+    is split: N processes x B, or --grad-accum micro-batches, optimise exactly what one process x N*B does (a
+    variance over the micro-batch, as before, made their L_feat gradients differ by 35 % with a perturbed teacher)."""
+    per_image = tuple(range(1, h.dim()))
+    return ((h - h_teacher).pow(2).mean(per_image) / h_teacher.var(per_image).clamp_min(1e-12)).mean()
 
 
 @torch.no_grad()
