@@ -20,6 +20,7 @@ number is also given in base standard deviations (G), where averages over reward
     python eval.py runs/tiny                          # writes eval.json, eval.md, eval_*.png, training_curves.png
     python eval.py --compare runs/plain runs/rid      # one Markdown table from the runs' eval.json
 """
+import contextlib
 import json
 import statistics
 import sys
@@ -507,10 +508,14 @@ def main(argv: list[str]) -> None:
     prompts, seeds, extra = eval_settings(opts)
     threads = checks.choose_threads()
     for run in runs:
-        load_run(run)  # refuse an incomplete run before evaluating any
+        load_run(run)  # refuse an incomplete run, or one that cannot take the outputs, before evaluating any
+        checks.check_writable(run, "run directory", run)
     print(threads, file=sys.stderr)
     for run in runs:
-        evaluate(run, prompts, seeds, extra, opts)
+        # Under the run's lock: a second eval.py of the run (the two would share their outputs' temporary files) or a
+        # rid.py writing it is refused in one line.
+        with contextlib.closing(runfiles.lock_run_dir(run, "run directory", "eval.py")):
+            evaluate(run, prompts, seeds, extra, opts)
 
 
 def cli(argv: list[str]) -> int:

@@ -114,16 +114,32 @@ def failed_write(path: Path, tmp: Path | None = None):
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as error:
-        # Measured before the partial file is removed: how much was written, and what was free when the write failed
-        written = (sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else tmp.stat().st_size
-                   ) if tmp is not None and tmp.exists() else 0
+        written = partial_size(tmp)  # before the partial file is removed: how much was written, and what was free
         existing = next(p for p in [path, *path.parents] if p.exists())
         free = shutil.disk_usage(existing).free
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        remove_partial(tmp)
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]  # torch/safetensors wrap the error
         space = f"{free / 2 ** 20:.1f} MiB were free there when {written / 2 ** 20:.1f} MiB of it had been written"
         raise WriteFailed(f"cannot write {path} ({reason}; {space})") from None
+
+
+def partial_size(tmp: Path | None) -> int:
+    """Bytes in the partial temporary file or directory of a failed write (0 if there is none, or it cannot be read)."""
+    try:
+        if tmp is None or not tmp.exists():
+            return 0
+        return sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else tmp.stat().st_size
+    except OSError:
+        return 0
+
+
+def remove_partial(tmp: Path | None) -> None:
+    """Remove the partial temporary file or directory of a failed write. On a read-only file system the removal fails
+    too (EROFS), and must not replace the one line that says what failed with a traceback of its own."""
+    if tmp is None:
+        return
+    with contextlib.suppress(OSError):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -143,13 +159,14 @@ def atomic_dir(path: Path):
         os.replace(tmp, path)
 
 
-LOCK = ".rid.lock"  # OUT's lock file: holds the PID of the run writing OUT
+LOCK = ".rid.lock"  # OUT's lock file: holds the PID and program (rid.py, eval.py) writing OUT
 
 
-def lock_run_dir(out: Path) -> TextIO:
+def lock_run_dir(out: Path, option: str = "--out-dir", program: str = "rid.py run") -> TextIO:
     """One writer per run directory: an exclusive flock on OUT/.rid.lock, held while the returned file stays open
     and released by the OS when the process ends (kill -9 included, so no lock outlives its run). The holder writes its
-    PID into it; a second run, or a --resume while the first runs, is refused naming that PID."""
+    PID and `program` (rid.py, or eval.py, which writes its outputs into the run) into it; a second run, a --resume
+    while the first runs, or a second eval.py, is refused naming them."""
     with failed_write(out / LOCK):
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / LOCK, "a+")
@@ -157,13 +174,13 @@ def lock_run_dir(out: Path) -> TextIO:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
-        holder = lock.read().strip() or "unknown"
+        pid, _, holder = lock.read().strip().partition(" ")
         lock.close()
-        raise UsageError(f"--out-dir {out} is being written by another rid.py run (PID {holder}); wait for it to end, "
-                         "or choose another directory") from None
+        raise UsageError(f"{option} {out} is being written by another {holder or 'rid.py run'} (PID {pid or 'unknown'}"
+                         "); wait for it to end, or choose another directory") from None
     lock.seek(0)
     lock.truncate()
-    lock.write(f"{os.getpid()}\n")
+    lock.write(f"{os.getpid()} {program}\n")
     lock.flush()
     return lock
 

@@ -1,6 +1,7 @@
 """Tests that the method works, on tiny models built from code (CPU, offline)."""
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import io
 import json
@@ -1853,7 +1854,7 @@ HOLD_LOCK = """
 import sys, time
 from pathlib import Path
 import runfiles
-lock = runfiles.lock_run_dir(Path(sys.argv[1]))
+lock = runfiles.lock_run_dir(Path(sys.argv[1]), "--out-dir", *sys.argv[2:])
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -2237,21 +2238,29 @@ def test_a_restart_moves_the_earlier_attempts_tasks_aside_and_eval_takes_only_a_
         evaluation.load_run(out)
 
 
+def one_layer_lora(rank: int) -> dict[str, torch.Tensor]:
+    layer = "mid_block.attentions.0.transformer_blocks.0.attn1.to_k"
+    return {f"{layer}.lora_A.weight": torch.ones(rank, 8), f"{layer}.lora_B.weight": torch.ones(8, rank)}
+
+
+def lora_run(t: Path) -> Path:
+    """A finished-looking tiny run of aesthetic, hps (run id abc) as eval.load_run reads it: config.json and each
+    task's LoRA files, of one layer each (no checkpoint, as a run written before checkpoints named their task)."""
+    run = t / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**dataclasses.asdict(tiny_args(rewards="aesthetic,hps")),
+                                                 "run_id": "abc"}))
+    for task, name in ((1, "aesthetic"), (2, "hps")):
+        (run / f"task{task}_{name}").mkdir()
+        runfiles.write_lora(run / f"task{task}_{name}", one_layer_lora(4 * task), "abc", task, name)
+    return run
+
+
 def test_eval_refuses_a_lora_file_of_another_task_and_every_lora_file_has_the_outputs_mode(tmp_path):
     """Each LoRA file names its run, task and reward in its metadata. Before: task 1's file copied over task 2's was
     evaluated as "after task 2" (exit 0), and both LoRA files were written mode 600 (a service running as another user
     could not read them) while every other output follows the umask."""
-    run = tmp_path / "run"
-    (run / "task1_aesthetic").mkdir(parents=True)
-    (run / "task2_hps").mkdir()
-    (run / "config.json").write_text(json.dumps({**dataclasses.asdict(tiny_args(rewards="aesthetic,hps")),
-                                                 "run_id": "abc"}))
-
-    def lora(rank):
-        layer = "mid_block.attentions.0.transformer_blocks.0.attn1.to_k"
-        return {f"{layer}.lora_A.weight": torch.ones(rank, 8), f"{layer}.lora_B.weight": torch.ones(8, rank)}
-    for task, name in ((1, "aesthetic"), (2, "hps")):
-        runfiles.write_lora(run / f"task{task}_{name}", lora(4 * task), "abc", task, name)
+    run = lora_run(tmp_path)
     evaluation.load_run(run)
     modes = {path.stat().st_mode & 0o777 for path in [run / "config.json", *run.glob("task*/*.safetensors")]}
     assert len(modes) == 1
@@ -2260,7 +2269,7 @@ def test_eval_refuses_a_lora_file_of_another_task_and_every_lora_file_has_the_ou
                                              r"of run abc, not task 2 \(hps\) of this run \(run abc, rank 8\)"):
         evaluation.load_run(run)
     StableDiffusionPipeline.save_lora_weights(run / "task2_hps", unet_lora_layers=convert_state_dict_to_diffusers(
-        lora(4)))  # as files were written before they named their task: the rank tells
+        one_layer_lora(4)))  # as files were written before they named their task: the rank tells
     with pytest.raises(cli.UsageError, match=r"holds a LoRA of rank 4, not task 2 \(hps\)"):
         evaluation.load_run(run)
 
@@ -2289,3 +2298,34 @@ def test_distillation_means_the_same_however_the_batch_is_split(weights, monkeyp
     for g, g_split in zip(one, split):
         torch.testing.assert_close(g_split, g, rtol=1e-4, atol=1e-4 * g.abs().max().item())
     assert sum(g.abs().sum() for g in one) > 0
+
+
+def test_eval_refuses_a_run_another_eval_writes_and_a_read_only_run_in_one_line_before_generating(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    """Before: two eval.py at once on one run shared eval_rewards.png.tmp and the loser blamed the disk (exit 74); on a
+    read-only run directory a 28-line traceback after generating (failed_write's own unlink raised EROFS)."""
+    run = lora_run(tmp_path)
+    monkeypatch.setattr(evaluation, "generate_rows", lambda *args: pytest.fail("generated"))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run), "eval.py"], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert evaluation.cli([str(run)]) == 2
+        assert capsys.readouterr().err.endswith(f"\neval.py: error: run directory {run} is being written by another "
+                                                f"eval.py (PID {holder.pid}); wait for it to end, or choose another "
+                                                "directory\n")  # after the line of CPU threads
+    finally:
+        holder.kill()
+        holder.wait()
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    def refused(*args, **kwargs):
+        raise read_only
+    monkeypatch.setattr(checks.tempfile, "TemporaryDirectory", refused)  # the probe of a read-only mount (as root)
+    assert evaluation.cli([str(run)]) == 2
+    assert capsys.readouterr().err == (f"eval.py: error: run directory {run}: cannot write in {run.absolute()} "
+                                       "(Read-only file system); choose a writable directory\n")
+    monkeypatch.setattr(Path, "unlink", refused)  # the cleanup of a failed write fails as well on a read-only mount
+    with pytest.raises(runfiles.WriteFailed, match=r"cannot write .*eval.json \(Read-only file system; "):
+        runfiles.atomic_write(run / "eval.json", refused)
