@@ -529,6 +529,7 @@ BAD_INPUTS = {
     "empty prompts": (["--prompts", "{t}/empty.txt"], "holds no prompt"),
     "binary prompts": (["--prompts", "{t}/binary.txt"], "a binary file"),
     "latin-1 prompts": (["--prompts", "{t}/latin1.txt"], "not UTF-8 (byte 0xe9 at offset 3)"),
+    "invisible prompts": (["--prompts", "{t}/invisible.txt"], "line 1 holds no visible character (only U+200B"),
     "zero steps": (["--steps-per-task", "0"], "--steps-per-task must be a positive integer"),
     "negative batch": (["--batch-size", "-2"], "--batch-size must be a positive integer"),
     "negative seed": (["--seed", "-1"], "--seed must be in [0, 2^63)"),
@@ -606,6 +607,7 @@ def prepare_bad_inputs(t: Path) -> None:
     (t / "empty.txt").write_text("\n  \n")
     (t / "binary.txt").write_bytes(bytes(range(256)))
     (t / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (t / "invisible.txt").write_text("\u200b\n\u200b\u200b\n")
     (t / "utf16.txt").write_bytes("a red circle on a black background\n".encode("utf-16"))
     os.mkfifo(t / "fifo")
     (t / "dangling").symlink_to(t / "nowhere")
@@ -2329,3 +2331,22 @@ def test_eval_refuses_a_run_another_eval_writes_and_a_read_only_run_in_one_line_
     monkeypatch.setattr(Path, "unlink", refused)  # the cleanup of a failed write fails as well on a read-only mount
     with pytest.raises(runfiles.WriteFailed, match=r"cannot write .*eval.json \(Read-only file system; "):
         runfiles.atomic_write(run / "eval.json", refused)
+
+
+def test_prompts_end_at_newlines_only_must_show_a_character_and_many_long_ones_are_one_warning(tmp_path, capfd):
+    """Before: U+2028, U+0085, \\x0b and \\x0c split a prompt in two, a file of zero-width spaces was two invisible
+    prompts, and 1,000 over-long prompts printed 1,000 warning lines."""
+    odd = tmp_path / "odd.txt"
+    odd.write_text("a red\u2028circle\x0bon\x0ca\x85black background\r\nsecond\n")
+    assert checks.read_prompts(str(odd)) == ["a red\u2028circle\x0bon\x0ca\x85black background", "second"]
+    invisible = tmp_path / "invisible.txt"
+    invisible.write_text("a cat\n\u200b\n\u200b \u200b\n")
+    with pytest.raises(cli.UsageError, match=r"line 2 holds no visible character \(only U\+200B ZERO WIDTH SPACE\)"):
+        checks.read_prompts(str(invisible))
+    invisible.write_text("🐱\n")  # a symbol shows
+    assert checks.read_prompts(str(invisible)) == ["🐱"]
+    tokenizer = rid.load_pipeline(tiny_args(), torch.device("cpu")).tokenizer
+    capfd.readouterr()
+    checks.warn_long_prompts(tokenizer, ["a cat"] + [f"prompt {i} " * 20 for i in range(1000)])
+    assert capfd.readouterr().err == ("warning: 1000 prompts are too long; the first, 'prompt 0 prompt 0 prompt 0 prompt "
+                                      "0 prom...', has 42 tokens; the text encoder reads the first 16\n")
