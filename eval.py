@@ -476,11 +476,30 @@ def read_eval(run: Path) -> dict:
     return result
 
 
+# What the runs of one --compare must share in their eval.json, and its name in the message ("rows": the models).
+COMPARABLE = {"rows": "tasks", "rewards": "rewards", "prompts": "prompts", "seeds": "seeds"}
+
+
+def check_comparable(runs: list[Path], results: list[dict]) -> None:
+    """The runs of one --compare are different runs of one task sequence, evaluated alike: a mean ± std over runs
+    that count one run twice, or that were evaluated on other rewards, prompts or seeds, means nothing."""
+    seen = {}
+    for run in runs:
+        if seen.setdefault(run.resolve(), run) is not run:
+            raise checks.UsageError(f"--compare: {run} is given twice (as {seen[run.resolve()]}); give each run once")
+    for run, result in zip(runs[1:], results[1:]):
+        for key, what in COMPARABLE.items():
+            if result.get(key) != results[0].get(key):
+                values = "" if key == "prompts" else f" ({result.get(key)} against {results[0].get(key)})"
+                raise checks.UsageError(f"--compare: {run} was evaluated on other {what} than {runs[0]}{values}; "
+                                        "compare runs of one task sequence evaluated alike (eval.py with the same "
+                                        "flags)")
+
+
 def compare(runs: list[Path]) -> str:
     """One Markdown table, a row per run from its eval.json, and a mean ± std row over the runs if several."""
-    results = []
-    for run in runs:
-        results.append(read_eval(run))
+    results = [read_eval(run) for run in runs]
+    check_comparable(runs, results)
     columns = list(dict.fromkeys(name for r in results for name in r["rewards"]))
 
     def values(r):

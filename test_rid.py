@@ -800,6 +800,7 @@ EVAL_BAD_INPUTS = {  # "{run}": a complete evaluated run, "{t}": the test's dire
     "compare without eval.json": (["--compare", "{run}", "{t}/incomplete"], "no eval.json; run `python eval.py"),
     "compare, eval.json not JSON": (["--compare", "{t}/bad_eval"], "eval.json cannot be read as JSON"),
     "compare, eval.json of something else": (["--compare", "{t}/empty_eval"], "eval.json lacks rewards, "),
+    "compare, a run twice": (["--compare", "{run}", "{run}"], "is given twice (as "),
     "binary prompts": (["{run}", "--prompts", "{t}/binary.txt"], "a binary file"),
     "misspelt flag": (["{run}", "--num-promts", "2"], "unknown flag --num-promts; did you mean --num-prompts?"),
     "seeds not integers": (["{run}", "--seeds", "a"], "--seeds must be comma-separated integers"),
@@ -837,7 +838,9 @@ def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp
     """--compare prints a row per run and a mean ± std row; each bad input (eval.cli, in-process) exits with status
     2 and one line on stderr, and writes nothing."""
     evaluated_run = evaluated_run.out
-    assert evaluation.cli(["--compare", str(evaluated_run), str(evaluated_run)]) == 0
+    (tmp_path / "copy").mkdir()  # another run, evaluated alike
+    shutil.copy(evaluated_run / "eval.json", tmp_path / "copy")
+    assert evaluation.cli(["--compare", str(evaluated_run), str(tmp_path / "copy")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 + 2 + 1 and "final avg reward" in lines[0] and "hps (final)" in lines[0]
     assert lines[-1].startswith("| mean ± std over 2 runs")
@@ -2350,3 +2353,22 @@ def test_prompts_end_at_newlines_only_must_show_a_character_and_many_long_ones_a
     checks.warn_long_prompts(tokenizer, ["a cat"] + [f"prompt {i} " * 20 for i in range(1000)])
     assert capfd.readouterr().err == ("warning: 1000 prompts are too long; the first, 'prompt 0 prompt 0 prompt 0 prompt "
                                       "0 prom...', has 42 tokens; the text encoder reads the first 16\n")
+
+
+def test_compare_refuses_a_run_given_twice_and_runs_evaluated_on_other_rewards_or_prompts(tmp_path):
+    """Before: --compare A A counted one run twice in its mean ± std, and runs of other reward lists or eval prompts
+    were averaged without a word."""
+    result = {key: None for key in evaluation.EVAL_KEYS} | {
+        "rows": ["base", "after task 1 (aesthetic)"], "rewards": ["aesthetic"], "prompts": ["a cat"], "seeds": [0],
+        "reward_matrix": [[0.0], [1.0]], "structure_drift_ssim": [1.0, 0.9], "cost": None}
+    runs = {"a": result, "b": result, "other_rewards": result | {"rewards": ["aesthetic", "hps"]},
+            "other_prompts": result | {"prompts": ["a dog"]}}
+    for name, content in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(content))
+    assert "mean ± std over 2 runs" in evaluation.compare([tmp_path / "a", tmp_path / "b"])
+    for others, message in ((["b/../a"], "b/../a is given twice (as "),
+                            (["other_rewards"], "other_rewards was evaluated on other rewards than "),
+                            (["other_prompts"], "other_prompts was evaluated on other prompts than ")):
+        with pytest.raises(cli.UsageError, match=re.escape(message)):
+            evaluation.compare([tmp_path / "a", *[tmp_path / other for other in others]])
