@@ -69,7 +69,7 @@ import checks  # noqa: E402
 import runfiles  # noqa: E402
 import rid  # noqa: E402
 import toyworld  # noqa: E402
-from rewards import MissingWeights, load_reward, parts_of, toy_file  # noqa: E402
+from rewards import MissingWeights, load_reward, parts_of, toy_weights  # noqa: E402
 
 MAX_BOOTSTRAP = 100_000  # resamples: about 0.2 ms each on a 2-row toy run, and every draw is kept for the percentiles
 
@@ -229,12 +229,22 @@ def structure_drift(rows: torch.Tensor) -> torch.Tensor:
                         for row in rows])
 
 
-def judge_rows(rows: torch.Tensor, prompts: list[str], device) -> dict[str, torch.Tensor] | None:
-    """Prompt fidelity of every image: rows (M, B, 3, H, W), B prompts -> {attribute: (M, B) 0/1} for shape, colour,
-    background and all three, by the toy world's judge; None unless every prompt is a toy-world caption."""
+def toy_judge(prompts: list[str], device) -> toyworld.Judge | None:
+    """The toy world's judge on `device`, or None unless every prompt is a toy-world caption. evaluate() loads it
+    before generating, so that a damaged judge.safetensors is one line at once, not after every image is made."""
     if any(toyworld.split_of(prompt) is None for prompt in prompts):
         return None
-    judge = toyworld.load_judge(toy_file(toyworld.JUDGE)).to(device)
+    with toy_weights(toyworld.JUDGE) as path:
+        return toyworld.load_judge(path).to(device)
+
+
+def judge_rows(rows: torch.Tensor, prompts: list[str], device, judge=None) -> dict[str, torch.Tensor] | None:
+    """Prompt fidelity of every image: rows (M, B, 3, H, W), B prompts -> {attribute: (M, B) 0/1} for shape, colour,
+    background and all three, by the toy world's judge (loaded by toy_judge unless given); None unless every prompt
+    is a toy-world caption."""
+    judge = toy_judge(prompts, device) if judge is None else judge
+    if judge is None:
+        return None
     per_row = [toyworld.judge_correct(judge, row.to(device), prompts) for row in rows]
     return {name: torch.stack([row[name] for row in per_row]) for name in per_row[0]}
 
@@ -421,10 +431,11 @@ def evaluate(run: Path, prompts: list[str] | None, seeds: list[int], extra: list
     checks.warn_long_prompts(pipe.tokenizer, prompts)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     scorers = {name: load_reward(name, "cpu", args.tiny) for name in columns}
+    judge = toy_judge(prompts, device)
 
     rows = generate_rows(pipe, tasks, prompts, seeds, args, opts.batch_size)              # (N+1, S*P, 3, H, W)
     scores = score_rows(rows, prompts * len(seeds), scorers, device, opts.batch_size)      # (N+1, S*P, J)
-    correct = judge_rows(rows, prompts * len(seeds), device)                              # {attribute: (N+1, S*P)}
+    correct = judge_rows(rows, prompts * len(seeds), device, judge)                       # {attribute: (N+1, S*P)}
     splits = [toyworld.split_of(prompt) or "all" for prompt in prompts * len(seeds)]
     matrix, learned = scores.mean(1), learned_at(columns, task_rewards)
 

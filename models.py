@@ -18,6 +18,7 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from rewards import TOY_DIR, TOY_HINT, MissingWeights, fetching, seeded
@@ -92,6 +93,49 @@ def restore_hint(model: str) -> str:
     return f"download it again with `{pipeline_download(model)}`"
 
 
+# The files of a local Stable Diffusion directory that from_pretrained reads: each component's config and the stem of
+# its weights (.safetensors, or an older pipeline's .bin).
+COMPONENT_FILES = {"unet": ("config.json", "diffusion_pytorch_model"),
+                   "vae": ("config.json", "diffusion_pytorch_model"), "text_encoder": ("config.json", "model"),
+                   "tokenizer": ("tokenizer_config.json", None), "scheduler": ("scheduler_config.json", None)}
+
+
+def check_pipeline_files(path: Path, model: str) -> None:
+    """Every file of a local pipeline directory that from_pretrained reads is there and whole: each component's config
+    and weights present, every JSON file a JSON object, every safetensors file's header readable. A missing, empty,
+    truncated or garbled one is named in one line; diffusers would call a missing UNet weight
+    diffusion_pytorch_model.bin, or fail with a 20-40-line traceback, and the download hint would name the hub."""
+    for component, (config, weights) in COMPONENT_FILES.items():
+        folder = path / component
+        needed = [folder / config]
+        if weights and not any(folder.glob(f"{weights}*.bin")):
+            needed.append(folder / f"{weights}.safetensors")
+        for file in needed:
+            if not file.is_file():
+                raise MissingWeights(f"--model {model}: {file} is missing; {restore_hint(model)}")
+        for file in sorted(folder.glob("*.json")):
+            check_json_object(file, model)
+        for file in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(file, "pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                raise MissingWeights(f"--model {model}: {file} cannot be read ({str(error)[:100]}); it is damaged or "
+                                     f"truncated: {restore_hint(model)}") from None
+
+
+def check_json_object(file: Path, model: str) -> None:
+    """A config (or tokenizer) file is a JSON object: `[]`, `null` or a cut file would fail deep in the libraries."""
+    try:
+        content = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MissingWeights(f"--model {model}: {file} cannot be read as JSON ({error}); {restore_hint(model)}"
+                             ) from None
+    if not isinstance(content, dict):
+        raise MissingWeights(f"--model {model}: {file} holds a JSON {type(content).__name__}, not the object of a "
+                             f"config; {restore_hint(model)}")
+
+
 def check_tokenizer(pipe: StableDiffusionPipeline, model: str) -> None:
     """The tokenizer fits the text encoder: its vocabulary is the encoder's embedding table and it reads at most the
     encoder's positions. transformers builds a 2-token tokenizer without tokenizer.json (the run then trains
@@ -120,8 +164,15 @@ def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
     else:
         diffusers.utils.logging.disable_progress_bar()  # the libraries' loading bars: a run shows its own progress
         transformers.utils.logging.disable_progress_bar()
-        with fetching(f"--model {args.model}", f"pre-download it on a machine with network access with "
-                      f"`{pipeline_download(args.model)}`, or pass a local diffusers directory with --model PATH"):
+        local = Path(args.model).expanduser().is_dir()
+        if local:
+            check_pipeline_files(Path(args.model).expanduser(), args.model)
+        how = restore_hint(args.model) if local else (f"pre-download it on a machine with network access with "
+                                                      f"`{pipeline_download(args.model)}`, or pass a local diffusers "
+                                                      "directory with --model PATH")
+        # A local directory whose files passed check_pipeline_files can still hold a config of wrong fields or weights
+        # of other shapes, which the libraries report as any of a dozen exception types.
+        with fetching(f"--model {args.model}", how, errors=(Exception,) if local else (OSError, ValueError)):
             pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32, safety_checker=None,
                                                            requires_safety_checker=False)
         check_tokenizer(pipe, args.model)

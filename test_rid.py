@@ -2164,13 +2164,16 @@ def damaged_copy(t: Path, damage: dict[str, bytes | None]) -> Path:
 
 @pytest.mark.parametrize("damage, message", [
     ({"tokenizer/tokenizer.json": None}, "its tokenizer has 2 tokens but its text encoder embeds 49408"),
-    ({"tokenizer/tokenizer_config.json": None}, "its tokenizer reads 1000000000000000019884624838656 tokens but its "
-                                                "text encoder has 16 positions"),
-], ids=["no tokenizer.json", "no tokenizer_config.json"])
+    ({"tokenizer/tokenizer_config.json": json.dumps({**json.loads((rewards.TOY_DIR / "pipeline/tokenizer/"
+                                                                    "tokenizer_config.json").read_text()),
+                                                     "model_max_length": None}).encode()},
+     "its tokenizer reads 1000000000000000019884624838656 tokens but its text encoder has 16 positions"),
+], ids=["no tokenizer.json", "no model_max_length"])
 def test_a_tokenizer_that_does_not_fit_the_text_encoder_is_refused_before_anything_is_written(damage, message,
                                                                                               tmp_path, capsys):
     """Before: without tokenizer.json transformers built a 2-token tokenizer and the run trained prompt-blind to exit
-    0; without tokenizer_config.json an OverflowError traceback came after config.json and metrics.jsonl."""
+    0; without tokenizer_config.json (or its model_max_length) an OverflowError traceback came after config.json and
+    metrics.jsonl (a missing file is now named before loading: test_a_damaged_toy_file_...)."""
     pipeline = damaged_copy(tmp_path, damage)
     status = rid.cli([*Q, "--model", str(pipeline), "--out-dir", str(tmp_path / "run")])
     stderr = capsys.readouterr().err
@@ -2372,3 +2375,64 @@ def test_compare_refuses_a_run_given_twice_and_runs_evaluated_on_other_rewards_o
                             (["other_prompts"], "other_prompts was evaluated on other prompts than ")):
         with pytest.raises(cli.UsageError, match=re.escape(message)):
             evaluation.compare([tmp_path / "a", *[tmp_path / other for other in others]])
+
+
+HALF = object()  # damaged_toy: cut the file to half its size
+
+
+@pytest.fixture
+def damaged_toy(tmp_path, monkeypatch):
+    """damaged_toy({name: bytes, None or HALF}): a copy of toy/ in tmp_path, taken for the toy world (rewards.TOY_DIR,
+    models.TOY_DIR), with each named file replaced, removed or cut; returns the copy's pipeline directory."""
+    toy = tmp_path / "toy"
+    shutil.copytree(rewards.TOY_DIR, toy)
+    monkeypatch.setattr(rewards, "TOY_DIR", toy)
+    monkeypatch.setattr(models, "TOY_DIR", toy)
+    rewards.openai_vit_l14.cache_clear()
+
+    def damage(files: dict) -> Path:
+        for name, data in files.items():
+            path = toy / name
+            data = path.read_bytes()[:path.stat().st_size // 2] if data is HALF else data
+            path.unlink() if data is None else path.write_bytes(data)
+        return toy / "pipeline"
+    yield damage
+    rewards.openai_vit_l14.cache_clear()
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("pipeline/unet/diffusion_pytorch_model.safetensors", None, "unet/diffusion_pytorch_model.safetensors is missing"),
+    ("pipeline/unet/diffusion_pytorch_model.safetensors", HALF, "diffusion_pytorch_model.safetensors cannot be read"),
+    ("pipeline/vae/config.json", b"[]", "vae/config.json holds a JSON list, not the object of a config"),
+    ("pipeline/text_encoder/config.json", b'{"hidden_size": ', "text_encoder/config.json cannot be read as JSON"),
+    ("pipeline/text_encoder/model.safetensors", b"", "text_encoder/model.safetensors cannot be read"),
+    ("pipeline/scheduler/scheduler_config.json", None, "scheduler/scheduler_config.json is missing"),
+    ("pipeline/tokenizer/tokenizer.json", b"\x00garbled", "tokenizer/tokenizer.json cannot be read as JSON"),
+    ("pipeline/unet/config.json", b"{}", "cannot load --model"),  # an object of other fields: the library's reason
+    ("open_clip_model.safetensors", HALF, "cannot load the toy model {toy}/open_clip_model.safetensors"),
+    ("aesthetic_mlp.pth", b"garbled", "cannot load the toy model {toy}/aesthetic_mlp.pth"),
+    ("HPS_v2.1_toy.pt", b"", "cannot load the toy model {toy}/HPS_v2.1_toy.pt"),
+], ids=["unet weights missing", "unet weights cut", "vae config a list", "text encoder config cut",
+        "text encoder weights empty", "scheduler config missing", "tokenizer garbled", "unet config of other fields",
+        "openai tower cut", "aesthetic head garbled", "hps checkpoint empty"])
+def test_a_damaged_toy_file_is_one_line_naming_it_before_anything_is_written(name, data, message, damaged_toy,
+                                                                              tmp_path, capsys):
+    """A missing, empty, cut or garbled file of toy/ (the pipeline's configs and weights, the towers): exit 2, the
+    file named, how to restore toy/, nothing written. Before: 21 of these were 21-42-line tracebacks, the rest told to
+    `hf download` a local path, and a missing UNet weight was called diffusion_pytorch_model.bin."""
+    pipeline = damaged_toy({name: data})
+    rewards_flag = "hps" if "HPS" in name else "aesthetic"
+    status = rid.cli([*Q, "--rewards", rewards_flag, "--model", str(pipeline), "--out-dir", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert message.format(toy=tmp_path / "toy") in stderr and rewards.TOY_HINT in stderr, stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_reads_the_judge_before_generating(damaged_toy, tmp_path, capsys, monkeypatch):
+    """Before: a damaged judge.safetensors was a traceback after every image was generated."""
+    damaged_toy({"judge.safetensors": b"garbled"})
+    monkeypatch.setattr(evaluation, "generate_rows", lambda *args: pytest.fail("generated"))
+    assert evaluation.cli([str(lora_run(tmp_path))]) == 2
+    assert capsys.readouterr().err.endswith(f"eval.py: error: cannot load the toy model {tmp_path}/toy/judge.safetensors "
+                                            f"(Error while deserializing header: header too small); {rewards.TOY_HINT}\n")
