@@ -9,6 +9,7 @@ shapes a checkpoint must have), cli.py and the libraries; checks.py and session.
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -67,14 +68,15 @@ def read_config(path: Path, cls) -> dict:
         raise UsageError(f"{path} cannot be read as JSON ({error}); it is damaged: restore it, or start a new run in "
                          "another directory") from None
     fields = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(config, dict) or not config.keys() <= fields | {RUN_ID}:
-        extra = sorted(config.keys() - fields - {RUN_ID}) if isinstance(config, dict) else type(config).__name__
+    if not isinstance(config, dict) or not config.keys() <= fields | RUN_KEYS:
+        extra = sorted(config.keys() - fields - RUN_KEYS) if isinstance(config, dict) else type(config).__name__
         raise UsageError(f"{path} is not a rid.py config (unexpected {extra}); give a run directory written by rid.py")
-    return {key: value for key, value in config.items() if key != RUN_ID}
+    return {key: value for key, value in config.items() if key not in RUN_KEYS}
 
 
 def check_resume_config(args, out: Path) -> None:
-    """--resume continues a run only with the configuration it was started with (up to RESUME_MAY_DIFFER)."""
+    """--resume continues a run only with the configuration it was started with (up to RESUME_MAY_DIFFER), and on the
+    base weights it was started on (a local --model's fingerprint, where config.json holds one)."""
     saved, now = read_config(out / "config.json", type(args)), dataclasses.asdict(args)
     differing = [key for key in sorted(saved.keys() | now.keys())
                  if key not in RESUME_MAY_DIFFER and saved.get(key) != now.get(key)]
@@ -82,6 +84,32 @@ def check_resume_config(args, out: Path) -> None:
         changes = ", ".join(f"{flag(key)} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing)
         raise UsageError(f"--resume: the run in {out} was started with another configuration: {changes}; rerun with "
                          "its flags (see config.json) or choose another --out-dir")
+    recorded, found = config_field(out, BASE_FINGERPRINT), base_fingerprint(args)
+    if recorded is not None and recorded != found:
+        raise UsageError(f"--resume: the base model at {args.model} changed since the run in {out} started (its files' "
+                         f"fingerprint {recorded} -> {found}); the LoRA fits the old weights: restore them, or start a "
+                         "new run in another directory")
+
+
+FINGERPRINT_BYTES = 1 << 16  # read from each end of every file of a local --model
+
+
+def base_fingerprint(args) -> str | None:
+    """A fingerprint of a local --model directory, recorded in config.json: SHA-256 over every file's path, size and
+    first and last FINGERPRINT_BYTES (the configs whole; a weights file changed only in its middle goes unseen, where
+    hashing it whole would read gigabytes at every start). Not mtimes: a checkout or a copy changes them, and the
+    weights stay. None for a hub id (its revision is the hub's) and --random-weights (built from code)."""
+    path = Path(args.model).expanduser()
+    if args.random_weights or not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(FINGERPRINT_BYTES)
+            f.seek(max(size - FINGERPRINT_BYTES, 0))
+            digest.update(f"{file.relative_to(path)}\0{size}\0".encode() + head + f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,18 +425,25 @@ def write_run_files(args, out: Path, new: bool) -> str | None:
     if not new:
         return read_run_id(out)
     run_id = uuid.uuid4().hex
-    config = {**dataclasses.asdict(args), RUN_ID: run_id}
+    config = {**dataclasses.asdict(args), RUN_ID: run_id, BASE_FINGERPRINT: base_fingerprint(args)}
     atomic_write(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
     return run_id
 
 
-RUN_ID = "run_id"  # config.json's key beside rid.Args' fields
+# config.json's keys beside rid.Args' fields: the run's id, and the fingerprint of a local --model (base_fingerprint).
+RUN_ID, BASE_FINGERPRINT = "run_id", "base_fingerprint"
+RUN_KEYS = {RUN_ID, BASE_FINGERPRINT}
 
 
 def read_run_id(out: Path) -> str | None:
     """The run id in OUT/config.json (None for runs written before run ids existed, and for a damaged file)."""
+    return config_field(out, RUN_ID)
+
+
+def config_field(out: Path, key: str):
+    """One of RUN_KEYS in OUT/config.json (None for runs written before it existed, and for a damaged file)."""
     try:
-        return json.loads((out / "config.json").read_text()).get(RUN_ID)
+        return json.loads((out / "config.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
 

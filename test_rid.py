@@ -33,7 +33,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from peft import get_peft_model_state_dict
 from PIL import Image, ImageFont
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import CLIPImageProcessor
 
@@ -2436,3 +2436,19 @@ def test_eval_reads_the_judge_before_generating(damaged_toy, tmp_path, capsys, m
     assert evaluation.cli([str(lora_run(tmp_path))]) == 2
     assert capsys.readouterr().err.endswith(f"eval.py: error: cannot load the toy model {tmp_path}/toy/judge.safetensors "
                                             f"(Error while deserializing header: header too small); {rewards.TOY_HINT}\n")
+
+
+def test_resume_refuses_base_weights_that_changed_at_the_same_path(tmp_path, monkeypatch, capsys):
+    """Before: --resume after the base model's weights changed at the same --model path continued silently."""
+    pipeline = damaged_copy(tmp_path, {})
+    out = tmp_path / "run"
+    command = [*tiny_flags(SMALL, rewards="compressibility"), "--model", str(pipeline), "--out-dir", str(out)]
+    monkeypatch.setattr(rid, "train_step", aborted_in_step(3))
+    assert rid.cli(command) == 130  # the checkpoint of step 2
+    weights = pipeline / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({name: tensor + 1e-3 for name, tensor in load_file(weights).items()}, weights)  # retrained, same shapes
+    capsys.readouterr()
+    assert rid.cli([*command, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rid.py: error: --resume: the base model at {pipeline} changed since the run in {out} "
+                          "started (its files' fingerprint ") and len(err.splitlines()) == 1
