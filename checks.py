@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import tempfile
+import unicodedata
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -84,10 +85,24 @@ def read_prompts(path: str | None, tiny: bool = False) -> list[str]:
     except UnicodeDecodeError as error:
         raise UsageError(f"--prompts {path}: not UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}); save "
                          "it as UTF-8, e.g. `iconv -f latin1 -t utf-8 FILE`") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    # Lines end at newlines only: str.splitlines also splits at U+2028, U+0085, \x0b and \x0c, inside a prompt.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    prompts = [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise UsageError(f"--prompts {path}: the file holds no prompt; write one prompt a line")
+    invisible = next((i for i, line in enumerate(lines, start=1) if line.strip() and not visible(line)), None)
+    if invisible is not None:
+        shown = ", ".join(f"U+{ord(c):04X} {unicodedata.name(c, '')}".strip() for c in dict.fromkeys(
+            lines[invisible - 1].strip()))
+        raise UsageError(f"--prompts {path}: line {invisible} holds no visible character (only {shown}); remove it or "
+                         "write a prompt there")
     return prompts
+
+
+def visible(text: str) -> bool:
+    """Whether text has a character that shows: a letter, digit, punctuation mark or symbol (emoji included), not
+    only format characters such as the zero-width space, marks or spaces."""
+    return any(unicodedata.category(c)[0] in "LNPS" for c in text)
 
 
 # Each float flag must be finite and satisfy its condition; the reason says what a value outside would silently do.
@@ -448,14 +463,17 @@ for _logger in ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion"
 
 
 def warn_long_prompts(tokenizer, prompts: list[str]) -> None:
-    """One short warning per prompt longer than the text encoder reads (77 tokens for SD's CLIP)."""
+    """One short warning line about the prompts longer than the text encoder reads (77 tokens for SD's CLIP): the
+    prompt, or how many there are and the first (a file of 1,000 such prompts was 1,000 lines)."""
     limit = tokenizer.model_max_length
-    for prompt in prompts:
-        tokens = len(tokenizer(prompt, verbose=False).input_ids)
-        if tokens > limit:
-            short = prompt if len(prompt) <= 40 else prompt[:40] + "..."
-            print(f"warning: prompt {short!r} has {tokens} tokens; the text encoder reads the first {limit}",
-                  file=sys.stderr)
+    counts = [(prompt, len(tokenizer(prompt, verbose=False).input_ids)) for prompt in prompts]
+    long = [(prompt, tokens) for prompt, tokens in counts if tokens > limit]
+    if not long:
+        return
+    prompt, tokens = long[0]
+    short = prompt if len(prompt) <= 40 else prompt[:40] + "..."
+    which = f"prompt {short!r} has" if len(long) == 1 else f"{len(long)} prompts are too long; the first, {short!r}, has"
+    print(f"warning: {which} {tokens} tokens; the text encoder reads the first {limit}", file=sys.stderr)
 
 
 # Set by the first SIGTERM or SIGINT: the training loop finishes its step, writes a checkpoint and stops.

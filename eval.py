@@ -20,6 +20,7 @@ number is also given in base standard deviations (G), where averages over reward
     python eval.py runs/tiny                          # writes eval.json, eval.md, eval_*.png, training_curves.png
     python eval.py --compare runs/plain runs/rid      # one Markdown table from the runs' eval.json
 """
+import contextlib
 import json
 import statistics
 import sys
@@ -68,7 +69,7 @@ import checks  # noqa: E402
 import runfiles  # noqa: E402
 import rid  # noqa: E402
 import toyworld  # noqa: E402
-from rewards import MissingWeights, load_reward, parts_of, toy_file  # noqa: E402
+from rewards import MissingWeights, load_reward, parts_of, toy_weights  # noqa: E402
 
 MAX_BOOTSTRAP = 100_000  # resamples: about 0.2 ms each on a 2-row toy run, and every draw is kept for the percentiles
 
@@ -104,22 +105,44 @@ def load_run(run: Path) -> tuple[rid.Args, list[Path]]:
     except checks.UsageError as error:
         raise checks.UsageError(f"{run}/config.json holds a value rid.py would refuse ({error}); restore it") from None
     tasks = [run / f"task{i}_{name}" for i, name in enumerate(rid.reward_names(args), start=1)]
-    for task in tasks:
+    check_finished(run, len(tasks))
+    for i, (task, name) in enumerate(zip(tasks, rid.reward_names(args)), start=1):
         if not (task / runfiles.LORA_FILE).is_file():
             raise checks.UsageError(f"{run}: incomplete run, {task.name}/{runfiles.LORA_FILE} is missing "
                                  "(did rid.py finish?)")
-        check_lora_file(task / "pytorch_lora_weights.safetensors")
+        rank = args.lora_rank * (1 if args.shared_adapter else i)  # the adapters of tasks 1..i, stacked
+        check_lora_file(task / runfiles.LORA_FILE, runfiles.read_run_id(run), i, name, rank)
     return args, tasks
 
 
-def check_lora_file(path: Path) -> None:
-    """The file is a complete safetensors file: safe_open checks that its header parses and covers the whole file."""
+def check_finished(run: Path, tasks: int) -> None:
+    """A run whose checkpoint is inside its tasks stopped early: its task directories from the checkpoint's task on
+    are absent (a restart moves an earlier attempt's aside) or about to be written again, so it is not evaluated."""
+    checkpoint = runfiles.load_checkpoint(run)
+    if checkpoint is not None and checkpoint["task"] <= tasks:
+        raise checks.UsageError(f"{run}: unfinished run, stopped at task {checkpoint['task']}, step "
+                                f"{checkpoint['step']}; finish it (rid.py with its flags and --resume), then evaluate")
+
+
+def check_lora_file(path: Path, run_id: str | None, task: int, reward: str, rank: int) -> None:
+    """The file is a complete safetensors file (safe_open checks that its header parses and covers the whole file)
+    holding this run's task `task`: its metadata names them (files written before it did have none) and its stacked
+    rank is the task's. A LoRA file copied from another task or run would be scored as this one without a word."""
     try:
-        with safe_open(path, "pt"):
-            pass
-    except (SafetensorError, OSError) as error:
-        raise checks.UsageError(f"{path} cannot be read ({error}); it is damaged or truncated: rerun that task with "
-                             "rid.py --resume from a checkpoint, or train the run again") from None
+        with safe_open(path, "pt") as f:
+            held = f.metadata() or {}
+            found = next(f.get_slice(key).get_shape()[0] for key in f.keys() if key.endswith(".lora.down.weight"))
+    except (SafetensorError, OSError, StopIteration) as error:
+        raise checks.UsageError(f"{path} cannot be read ({error or 'no LoRA tensor'}); it is damaged or truncated: "
+                                "rerun that task with rid.py --resume from a checkpoint, or train the run again"
+                                ) from None
+    expected = {runfiles.LORA_RUN: run_id, runfiles.LORA_TASK: str(task), runfiles.LORA_REWARD: reward}
+    other = {key: value for key, value in expected.items() if key in held and held[key] != value}
+    if other or found != rank:
+        holds = (f"task {held.get(runfiles.LORA_TASK)} ({held.get(runfiles.LORA_REWARD)}) of run "
+                 f"{held.get(runfiles.LORA_RUN)}" if other else f"a LoRA of rank {found}")
+        raise checks.UsageError(f"{path} holds {holds}, not task {task} ({reward}) of this run (run {run_id}, rank "
+                                f"{rank}); copy the right file back, or train the run again")
 
 
 def eval_settings(opts: EvalArgs) -> tuple[list[str] | None, list[int], list[str]]:
@@ -206,12 +229,22 @@ def structure_drift(rows: torch.Tensor) -> torch.Tensor:
                         for row in rows])
 
 
-def judge_rows(rows: torch.Tensor, prompts: list[str], device) -> dict[str, torch.Tensor] | None:
-    """Prompt fidelity of every image: rows (M, B, 3, H, W), B prompts -> {attribute: (M, B) 0/1} for shape, colour,
-    background and all three, by the toy world's judge; None unless every prompt is a toy-world caption."""
+def toy_judge(prompts: list[str], device) -> toyworld.Judge | None:
+    """The toy world's judge on `device`, or None unless every prompt is a toy-world caption. evaluate() loads it
+    before generating, so that a damaged judge.safetensors is one line at once, not after every image is made."""
     if any(toyworld.split_of(prompt) is None for prompt in prompts):
         return None
-    judge = toyworld.load_judge(toy_file(toyworld.JUDGE)).to(device)
+    with toy_weights(toyworld.JUDGE) as path:
+        return toyworld.load_judge(path).to(device)
+
+
+def judge_rows(rows: torch.Tensor, prompts: list[str], device, judge=None) -> dict[str, torch.Tensor] | None:
+    """Prompt fidelity of every image: rows (M, B, 3, H, W), B prompts -> {attribute: (M, B) 0/1} for shape, colour,
+    background and all three, by the toy world's judge (loaded by toy_judge unless given); None unless every prompt
+    is a toy-world caption."""
+    judge = toy_judge(prompts, device) if judge is None else judge
+    if judge is None:
+        return None
     per_row = [toyworld.judge_correct(judge, row.to(device), prompts) for row in rows]
     return {name: torch.stack([row[name] for row in per_row]) for name in per_row[0]}
 
@@ -398,10 +431,11 @@ def evaluate(run: Path, prompts: list[str] | None, seeds: list[int], extra: list
     checks.warn_long_prompts(pipe.tokenizer, prompts)
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     scorers = {name: load_reward(name, "cpu", args.tiny) for name in columns}
+    judge = toy_judge(prompts, device)
 
     rows = generate_rows(pipe, tasks, prompts, seeds, args, opts.batch_size)              # (N+1, S*P, 3, H, W)
     scores = score_rows(rows, prompts * len(seeds), scorers, device, opts.batch_size)      # (N+1, S*P, J)
-    correct = judge_rows(rows, prompts * len(seeds), device)                              # {attribute: (N+1, S*P)}
+    correct = judge_rows(rows, prompts * len(seeds), device, judge)                       # {attribute: (N+1, S*P)}
     splits = [toyworld.split_of(prompt) or "all" for prompt in prompts * len(seeds)]
     matrix, learned = scores.mean(1), learned_at(columns, task_rewards)
 
@@ -453,11 +487,30 @@ def read_eval(run: Path) -> dict:
     return result
 
 
+# What the runs of one --compare must share in their eval.json, and its name in the message ("rows": the models).
+COMPARABLE = {"rows": "tasks", "rewards": "rewards", "prompts": "prompts", "seeds": "seeds"}
+
+
+def check_comparable(runs: list[Path], results: list[dict]) -> None:
+    """The runs of one --compare are different runs of one task sequence, evaluated alike: a mean ± std over runs
+    that count one run twice, or that were evaluated on other rewards, prompts or seeds, means nothing."""
+    seen = {}
+    for run in runs:
+        if seen.setdefault(run.resolve(), run) is not run:
+            raise checks.UsageError(f"--compare: {run} is given twice (as {seen[run.resolve()]}); give each run once")
+    for run, result in zip(runs[1:], results[1:]):
+        for key, what in COMPARABLE.items():
+            if result.get(key) != results[0].get(key):
+                values = "" if key == "prompts" else f" ({result.get(key)} against {results[0].get(key)})"
+                raise checks.UsageError(f"--compare: {run} was evaluated on other {what} than {runs[0]}{values}; "
+                                        "compare runs of one task sequence evaluated alike (eval.py with the same "
+                                        "flags)")
+
+
 def compare(runs: list[Path]) -> str:
     """One Markdown table, a row per run from its eval.json, and a mean ± std row over the runs if several."""
-    results = []
-    for run in runs:
-        results.append(read_eval(run))
+    results = [read_eval(run) for run in runs]
+    check_comparable(runs, results)
     columns = list(dict.fromkeys(name for r in results for name in r["rewards"]))
 
     def values(r):
@@ -485,10 +538,14 @@ def main(argv: list[str]) -> None:
     prompts, seeds, extra = eval_settings(opts)
     threads = checks.choose_threads()
     for run in runs:
-        load_run(run)  # refuse an incomplete run before evaluating any
+        load_run(run)  # refuse an incomplete run, or one that cannot take the outputs, before evaluating any
+        checks.check_writable(run, "run directory", run)
     print(threads, file=sys.stderr)
     for run in runs:
-        evaluate(run, prompts, seeds, extra, opts)
+        # Under the run's lock: a second eval.py of the run (the two would share their outputs' temporary files) or a
+        # rid.py writing it is refused in one line.
+        with contextlib.closing(runfiles.lock_run_dir(run, "run directory", "eval.py")):
+            evaluate(run, prompts, seeds, extra, opts)
 
 
 def cli(argv: list[str]) -> int:

@@ -18,10 +18,10 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError, safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from rewards import fetching, seeded
-
+from rewards import TOY_DIR, TOY_HINT, MissingWeights, fetching, seeded
 
 
 def clip_tokenizer(tmp_dir: str, model_max_length: int = 77) -> CLIPTokenizer:
@@ -82,6 +82,77 @@ def pipeline_download(model: str) -> str:
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def restore_hint(model: str) -> str:
+    """How to get back a damaged or incomplete pipeline: the toy world's from git or pretrain_toy.py, a local
+    directory from wherever it was saved, a hub id's cache by downloading it again."""
+    path = Path(model).expanduser()
+    if path.resolve().is_relative_to(TOY_DIR.resolve()):
+        return TOY_HINT
+    if path.is_dir():
+        return f"restore {model} (save_pretrained it again, or copy it back), or pass another --model"
+    return f"download it again with `{pipeline_download(model)}`"
+
+
+# The files of a local Stable Diffusion directory that from_pretrained reads: each component's config and the stem of
+# its weights (.safetensors, or an older pipeline's .bin).
+COMPONENT_FILES = {"unet": ("config.json", "diffusion_pytorch_model"),
+                   "vae": ("config.json", "diffusion_pytorch_model"), "text_encoder": ("config.json", "model"),
+                   "tokenizer": ("tokenizer_config.json", None), "scheduler": ("scheduler_config.json", None)}
+
+
+def check_pipeline_files(path: Path, model: str) -> None:
+    """Every file of a local pipeline directory that from_pretrained reads is there and whole: each component's config
+    and weights present, every JSON file a JSON object, every safetensors file's header readable. A missing, empty,
+    truncated or garbled one is named in one line; diffusers would call a missing UNet weight
+    diffusion_pytorch_model.bin, or fail with a 20-40-line traceback, and the download hint would name the hub."""
+    for component, (config, weights) in COMPONENT_FILES.items():
+        folder = path / component
+        needed = [folder / config]
+        if weights and not any(folder.glob(f"{weights}*.bin")):
+            needed.append(folder / f"{weights}.safetensors")
+        for file in needed:
+            if not file.is_file():
+                raise MissingWeights(f"--model {model}: {file} is missing; {restore_hint(model)}")
+        for file in sorted(folder.glob("*.json")):
+            check_json_object(file, model)
+        for file in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(file, "pt"):
+                    pass
+            except (SafetensorError, OSError) as error:
+                raise MissingWeights(f"--model {model}: {file} cannot be read ({str(error)[:100]}); it is damaged or "
+                                     f"truncated: {restore_hint(model)}") from None
+
+
+def check_json_object(file: Path, model: str) -> None:
+    """A config (or tokenizer) file is a JSON object: `[]`, `null` or a cut file would fail deep in the libraries."""
+    try:
+        content = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MissingWeights(f"--model {model}: {file} cannot be read as JSON ({error}); {restore_hint(model)}"
+                             ) from None
+    if not isinstance(content, dict):
+        raise MissingWeights(f"--model {model}: {file} holds a JSON {type(content).__name__}, not the object of a "
+                             f"config; {restore_hint(model)}")
+
+
+def check_tokenizer(pipe: StableDiffusionPipeline, model: str) -> None:
+    """The tokenizer fits the text encoder: its vocabulary is the encoder's embedding table and it reads at most the
+    encoder's positions. transformers builds a 2-token tokenizer without tokenizer.json (the run then trains
+    prompt-blind) and one that reads 10^30 tokens without tokenizer_config.json (a crash at the first prompt, after the
+    run's files are written), without a word."""
+    vocabulary, rows = len(pipe.tokenizer), pipe.text_encoder.get_input_embeddings().num_embeddings
+    length, positions = pipe.tokenizer.model_max_length, pipe.text_encoder.config.max_position_embeddings
+    if vocabulary != rows:
+        raise MissingWeights(f"--model {model}: its tokenizer has {vocabulary} tokens but its text encoder embeds "
+                             f"{rows} (is tokenizer/tokenizer.json, or vocab.json, missing or damaged?); "
+                             f"{restore_hint(model)}")
+    if length > positions:
+        raise MissingWeights(f"--model {model}: its tokenizer reads {length} tokens but its text encoder has "
+                             f"{positions} positions (is tokenizer/tokenizer_config.json missing or damaged?); "
+                             f"{restore_hint(model)}")
+
+
 def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
     """The frozen base model with a DDIM scheduler, the same object in every mode: --model (SD1.5 from the hub, or the
     toy world's pipeline folder in tiny mode) read by diffusers, or SD1.5's architecture built with random weights.
@@ -93,10 +164,18 @@ def load_pipeline(args, device: torch.device) -> StableDiffusionPipeline:
     else:
         diffusers.utils.logging.disable_progress_bar()  # the libraries' loading bars: a run shows its own progress
         transformers.utils.logging.disable_progress_bar()
-        with fetching(f"--model {args.model}", f"pre-download it on a machine with network access with "
-                      f"`{pipeline_download(args.model)}`, or pass a local diffusers directory with --model PATH"):
+        local = Path(args.model).expanduser().is_dir()
+        if local:
+            check_pipeline_files(Path(args.model).expanduser(), args.model)
+        how = restore_hint(args.model) if local else (f"pre-download it on a machine with network access with "
+                                                      f"`{pipeline_download(args.model)}`, or pass a local diffusers "
+                                                      "directory with --model PATH")
+        # A local directory whose files passed check_pipeline_files can still hold a config of wrong fields or weights
+        # of other shapes, which the libraries report as any of a dozen exception types.
+        with fetching(f"--model {args.model}", how, errors=(Exception,) if local else (OSError, ValueError)):
             pipe = StableDiffusionPipeline.from_pretrained(args.model, dtype=torch.float32, safety_checker=None,
                                                            requires_safety_checker=False)
+        check_tokenizer(pipe, args.model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):

@@ -217,13 +217,19 @@ def fetching(what: str, how: str, errors: tuple = (OSError, ValueError)):
         logging.disable(logging.NOTSET)
 
 
-def toy_file(name: str) -> str:
-    """A toy-world weight file (toy/), or a one-line MissingWeights saying how to make it."""
+TOY_HINT = "restore toy/ from git (`git checkout -- toy`) or rerun `python pretrain_toy.py`"
+
+
+@contextlib.contextmanager
+def toy_weights(name: str):
+    """The path of a toy-world weight file (toy/) to load inside the block: missing, or failing to load (empty,
+    truncated, garbled: torch, safetensors and open_clip raise a dozen exception types), it is one MissingWeights
+    naming it and saying how to restore it."""
     path = TOY_DIR / name
     if not path.is_file():
-        raise MissingWeights(f"cannot load the toy model {path} (no such file); restore toy/ from git, or retrain it "
-                             "with `python pretrain_toy.py`")
-    return str(path)
+        raise MissingWeights(f"cannot load the toy model {path} (no such file); {TOY_HINT}")
+    with fetching(f"the toy model {path}", TOY_HINT, errors=(Exception,)):
+        yield str(path)
 
 
 @functools.cache
@@ -231,7 +237,8 @@ def openai_vit_l14(tiny: bool) -> nn.Module:
     """OpenAI CLIP ViT-L/14 (768-d embedding, QuickGELU), loaded once for both `aesthetic` and `clip`; with `tiny`,
     the toy world's tower of the same config, read from open_clip's own checkpoint layout by the same loader."""
     if tiny:
-        return clip_tower(TOWER_CONFIGS["clip"], TOY_TOWER, pretrained=toy_file(OPENAI_TOWER))
+        with toy_weights(OPENAI_TOWER) as path:
+            return clip_tower(TOWER_CONFIGS["clip"], TOY_TOWER, pretrained=path)
     # open_clip re-raises download errors as RuntimeError
     with fetching("OpenAI CLIP ViT-L/14 (open_clip ViT-L-14-quickgelu, pretrained='openai')",
                   "pre-download it with `hf download timm/vit_large_patch14_clip_224.openai "
@@ -264,18 +271,23 @@ def cached_download(url: str) -> Path:
 
 
 def aesthetic(tiny: bool) -> nn.Module:
-    mlp = toy_file(AESTHETIC_MLP) if tiny else cached_download(AESTHETIC_URL)
-    return load_aesthetic_mlp(Aesthetic(openai_vit_l14(tiny), dim=TOY_TOWER["embed_dim"] if tiny else 768), mlp)
+    if not tiny:
+        mlp = cached_download(AESTHETIC_URL)
+        return load_aesthetic_mlp(Aesthetic(openai_vit_l14(tiny), dim=768), mlp)
+    scorer = Aesthetic(openai_vit_l14(tiny), dim=TOY_TOWER["embed_dim"])
+    with toy_weights(AESTHETIC_MLP) as mlp:
+        return load_aesthetic_mlp(scorer, mlp)
 
 
 def hps(tiny: bool) -> nn.Module:
     if tiny:
-        path = toy_file(HPS_CHECKPOINT)
+        with toy_weights(HPS_CHECKPOINT) as path:
+            clip = load_hps_weights(clip_tower(TOWER_CONFIGS["hps"], TOY_TOWER), path)
     else:
         with fetching(f"{HPS_FILE} from hub repo {HPS_REPO}",
                       f"pre-download it with `hf download {HPS_REPO} {HPS_FILE}`"):
             path = hf_hub_download(HPS_REPO, HPS_FILE)  # before building ViT-H-14, so that a missing file fails at once
-    clip = load_hps_weights(clip_tower(TOWER_CONFIGS["hps"], TOY_TOWER if tiny else None), path)
+        clip = load_hps_weights(clip_tower(TOWER_CONFIGS["hps"]), path)
     return TextImageCosine(clip, open_clip.get_tokenizer(TOWER_CONFIGS["hps"]), letterbox)
 
 

@@ -8,7 +8,7 @@ that the model keeps what earlier tasks taught it and its visual structure:
     L_reward = -(s / sigma_n) * mean_b r_n(x_0^b, c^b)   x_0 = decode(DDIM(x_T, c)), grads only in the last K steps;
                sigma_n = the reward's spread at the task's start                                 (reward_spread)
     L_out    = mean_k || eps_S(sg(x_k), t_k, c) - eps_T(sg(x_k), t_k, c) ||^2                           (distil)
-    L_feat   = mean_k mean_l || h_S^l(sg(x_k), ...) - h_T^l(sg(x_k), ...) ||^2 / Var(h_T^l)  (distillation_losses)
+    L_feat   = mean_k mean_l mean_b || h_S^l,b(sg(x_k), ...) - h_T^l,b(...) ||^2 / Var(h_T^l,b)     (scale_free_mse)
     theta_T <- mu * theta_T + (1 - mu) * theta_S            after every optimizer step (ema_update)
 
 The distillation terms are a regression at the states x_k the sampler visits, taken as data (sg: stop-gradient):
@@ -52,8 +52,8 @@ class Args:
     k: int = option(1, "the last K DDIM steps carry gradients (1 <= K <= T)")
     random_k: bool = option(False, "draw K uniformly from 1..k once per batch")
     lambda_out: float = option(1.0, "weight of output (eps) distillation")
-    lambda_feat: float = option(1.0, "weight of feature distillation (each layer's MSE over the teacher's "
-                                "activation variance)")
+    lambda_feat: float = option(1.0, "weight of feature distillation (each image's MSE at each layer over the "
+                                "variance of the teacher's activations of that image)")
     feat_layers: str = option("mid_block,up_blocks.0,up_blocks.1", "UNet modules whose outputs are distilled, "
                               "comma-separated")
     ema_decay: float | None = option(None, "teacher EMA decay mu in [0, 1]; horizon ~1/(1-mu) steps; 1 = frozen "
@@ -449,14 +449,23 @@ def split_states(eps, feats, n):
 
 
 def distillation_losses(eps, feats, eps_teacher, feats_teacher, layers=()) -> dict:
-    """L_out = ||eps_S - eps_T||^2 (a mean over elements), and L_feat = mean over layers of ||h_S - h_T||^2 / Var(h_T):
-    each layer's MSE divided by the variance of the teacher's activations there, so that every layer counts alike
-    and one --lambda-feat means the same on any model and resolution. Each layer's term is returned too."""
+    """L_out = ||eps_S - eps_T||^2 (a mean over elements), and L_feat = mean over layers of scale_free_mse: so that
+    every layer counts alike and one --lambda-feat means the same on any model and resolution. Each layer's term is
+    returned too."""
     l_out = F.mse_loss(eps, eps_teacher)
-    per_layer = {f"loss_feat/{name}": F.mse_loss(h, h_t) / h_t.var().clamp_min(1e-12)
-                 for name, h, h_t in zip(layers, feats, feats_teacher)}
+    per_layer = {f"loss_feat/{name}": scale_free_mse(h, h_t) for name, h, h_t in zip(layers, feats, feats_teacher)}
     l_feat = torch.stack(list(per_layer.values())).mean() if per_layer else 0 * l_out
     return {"loss_out": l_out, "loss_feat": l_feat, **per_layer}
+
+
+def scale_free_mse(h: torch.Tensor, h_teacher: torch.Tensor) -> torch.Tensor:
+    """mean_b ||h^b - h_T^b||^2 / Var(h_T^b) for one layer's activations (2B, C, h, w): each image's MSE over the
+    variance of the teacher's activations of that image (the rows of the CFG batch, each over its channels and
+    positions), then the mean over images. A mean over images is what makes the objective the same however the batch
+    is split: N processes x B, or --grad-accum micro-batches, optimise exactly what one process x N*B does (a
+    variance over the micro-batch, as before, made their L_feat gradients differ by 35 % with a perturbed teacher)."""
+    per_image = tuple(range(1, h.dim()))
+    return ((h - h_teacher).pow(2).mean(per_image) / h_teacher.var(per_image).clamp_min(1e-12)).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,6 +562,13 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
 SPREAD_IMAGES = 16  # pictures that measure a reward's spread at a task's start
 
 
+def task_seed(seed: int, task: int) -> int:
+    """The seed of what a task draws at its start, apart from the run's streams: seed * 1000 + task modulo 2^64, the
+    range torch.Generator.manual_seed takes, so that every --seed in [0, 2^63) works (10^17 x 1000 overflowed after
+    config.json was written) and seeds below 2^63 / 1000 keep the draws they always had."""
+    return (seed * 1000 + task) % 2 ** 64
+
+
 def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> float | list[float]:
     """sigma_n, the unit of L_reward with --reward-norm task-start-std: the standard deviation of reward n over
     SPREAD_IMAGES pictures of the model as the task starts (prompts and x_T seeded by --seed and the task, the run's
@@ -563,7 +579,7 @@ def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> fl
     if args.reward_norm == "none":
         return 1.0
     parts = scorer.parts if isinstance(scorer, RewardSum) else scorer  # (B, J) or (B,)
-    generator = torch.Generator().manual_seed(args.seed * 1000 + task)
+    generator = torch.Generator().manual_seed(task_seed(args.seed, task))
     chosen = [prompts[i] for i in torch.randint(len(prompts), (SPREAD_IMAGES,), generator=generator)]
     latents = initial_latents(pipe, SPREAD_IMAGES, args.resolution, generator)
     rewards = []
@@ -613,6 +629,8 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     pipe.scheduler.set_timesteps(args.num_steps, device=device)
     torch.manual_seed(args.seed)  # LoRA initialisation: the same on every process
     run.open(pipe, prompts, add_task_adapter)  # checks that need the model, the run's files, the checkpoint restored
+    if run.finished:  # by another --resume while the models were built
+        return None
     run.accelerator.print(threads, file=sys.stderr)
     with run.training():
         for task, name in run.tasks():

@@ -322,7 +322,7 @@ def run_job(out: Path, job: Job, eval_seeds: tuple[int, ...], splits: tuple[str,
 def merge_run(out: Path, job: Job) -> None:
     """A merged LoRA as a one-task run that eval.py reads: the single-task runs' LoRAs (same budget, lr and seed)
     summed with the job's weight each (baselines.merge_loras), as task 1 of the joint task, beside the first single-task
-    run's config.json with the rewards joined."""
+    run's config.json with the rewards joined and the merged rank."""
     import baselines
     import runfiles
     from diffusers import StableDiffusionPipeline
@@ -335,7 +335,9 @@ def merge_run(out: Path, job: Job) -> None:
     loras = [load_file(src / f"task1_{src_job.settings['rewards']}" / runfiles.LORA_FILE)
              for src, src_job in zip(sources, single_task_jobs(job.budget, job.settings["lr"], job.seed))]
     merged = baselines.merge_loras(loras, [job.settings["merge"]] * len(loras))
-    config = {**json.loads((sources[0] / "config.json").read_text()), "rewards": SEQUENCE.replace(",", "+")}
+    config = {key: value for key, value in json.loads((sources[0] / "config.json").read_text()).items()
+              if key != runfiles.RUN_ID}  # the merge is no run of its own; its LoRA is of rank sum r_i
+    config.update(rewards=SEQUENCE.replace(",", "+"), lora_rank=config["lora_rank"] * len(loras))
     runfiles.atomic_write(directory / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
     with runfiles.atomic_dir(task) as tmp:
         StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers={k.removeprefix("unet."): v

@@ -9,8 +9,10 @@ shapes a checkpoint must have), cli.py and the libraries; checks.py and session.
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -21,8 +23,8 @@ from typing import TextIO
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+import safetensors.torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from cli import UsageError, flag
 from models import lora_shapes
@@ -66,14 +68,15 @@ def read_config(path: Path, cls) -> dict:
         raise UsageError(f"{path} cannot be read as JSON ({error}); it is damaged: restore it, or start a new run in "
                          "another directory") from None
     fields = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(config, dict) or not config.keys() <= fields | {RUN_ID}:
-        extra = sorted(config.keys() - fields - {RUN_ID}) if isinstance(config, dict) else type(config).__name__
+    if not isinstance(config, dict) or not config.keys() <= fields | RUN_KEYS:
+        extra = sorted(config.keys() - fields - RUN_KEYS) if isinstance(config, dict) else type(config).__name__
         raise UsageError(f"{path} is not a rid.py config (unexpected {extra}); give a run directory written by rid.py")
-    return {key: value for key, value in config.items() if key != RUN_ID}
+    return {key: value for key, value in config.items() if key not in RUN_KEYS}
 
 
 def check_resume_config(args, out: Path) -> None:
-    """--resume continues a run only with the configuration it was started with (up to RESUME_MAY_DIFFER)."""
+    """--resume continues a run only with the configuration it was started with (up to RESUME_MAY_DIFFER), and on the
+    base weights it was started on (a local --model's fingerprint, where config.json holds one)."""
     saved, now = read_config(out / "config.json", type(args)), dataclasses.asdict(args)
     differing = [key for key in sorted(saved.keys() | now.keys())
                  if key not in RESUME_MAY_DIFFER and saved.get(key) != now.get(key)]
@@ -81,6 +84,32 @@ def check_resume_config(args, out: Path) -> None:
         changes = ", ".join(f"{flag(key)} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing)
         raise UsageError(f"--resume: the run in {out} was started with another configuration: {changes}; rerun with "
                          "its flags (see config.json) or choose another --out-dir")
+    recorded, found = config_field(out, BASE_FINGERPRINT), base_fingerprint(args)
+    if recorded is not None and recorded != found:
+        raise UsageError(f"--resume: the base model at {args.model} changed since the run in {out} started (its files' "
+                         f"fingerprint {recorded} -> {found}); the LoRA fits the old weights: restore them, or start a "
+                         "new run in another directory")
+
+
+FINGERPRINT_BYTES = 1 << 16  # read from each end of every file of a local --model
+
+
+def base_fingerprint(args) -> str | None:
+    """A fingerprint of a local --model directory, recorded in config.json: SHA-256 over every file's path, size and
+    first and last FINGERPRINT_BYTES (the configs whole; a weights file changed only in its middle goes unseen, where
+    hashing it whole would read gigabytes at every start). Not mtimes: a checkout or a copy changes them, and the
+    weights stay. None for a hub id (its revision is the hub's) and --random-weights (built from code)."""
+    path = Path(args.model).expanduser()
+    if args.random_weights or not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(FINGERPRINT_BYTES)
+            f.seek(max(size - FINGERPRINT_BYTES, 0))
+            digest.update(f"{file.relative_to(path)}\0{size}\0".encode() + head + f.read(FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,16 +142,32 @@ def failed_write(path: Path, tmp: Path | None = None):
     try:
         yield
     except (OSError, RuntimeError, SafetensorError) as error:
-        # Measured before the partial file is removed: how much was written, and what was free when the write failed
-        written = (sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else tmp.stat().st_size
-                   ) if tmp is not None and tmp.exists() else 0
+        written = partial_size(tmp)  # before the partial file is removed: how much was written, and what was free
         existing = next(p for p in [path, *path.parents] if p.exists())
         free = shutil.disk_usage(existing).free
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        remove_partial(tmp)
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]  # torch/safetensors wrap the error
         space = f"{free / 2 ** 20:.1f} MiB were free there when {written / 2 ** 20:.1f} MiB of it had been written"
         raise WriteFailed(f"cannot write {path} ({reason}; {space})") from None
+
+
+def partial_size(tmp: Path | None) -> int:
+    """Bytes in the partial temporary file or directory of a failed write (0 if there is none, or it cannot be read)."""
+    try:
+        if tmp is None or not tmp.exists():
+            return 0
+        return sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.is_dir() else tmp.stat().st_size
+    except OSError:
+        return 0
+
+
+def remove_partial(tmp: Path | None) -> None:
+    """Remove the partial temporary file or directory of a failed write. On a read-only file system the removal fails
+    too (EROFS), and must not replace the one line that says what failed with a traceback of its own."""
+    if tmp is None:
+        return
+    with contextlib.suppress(OSError):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -142,13 +187,14 @@ def atomic_dir(path: Path):
         os.replace(tmp, path)
 
 
-LOCK = ".rid.lock"  # OUT's lock file: holds the PID of the run writing OUT
+LOCK = ".rid.lock"  # OUT's lock file: holds the PID and program (rid.py, eval.py) writing OUT
 
 
-def lock_run_dir(out: Path) -> TextIO:
+def lock_run_dir(out: Path, option: str = "--out-dir", program: str = "rid.py run") -> TextIO:
     """One writer per run directory: an exclusive flock on OUT/.rid.lock, held while the returned file stays open
     and released by the OS when the process ends (kill -9 included, so no lock outlives its run). The holder writes its
-    PID into it; a second run, or a --resume while the first runs, is refused naming that PID."""
+    PID and `program` (rid.py, or eval.py, which writes its outputs into the run) into it; a second run, a --resume
+    while the first runs, or a second eval.py, is refused naming them."""
     with failed_write(out / LOCK):
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / LOCK, "a+")
@@ -156,13 +202,13 @@ def lock_run_dir(out: Path) -> TextIO:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.seek(0)
-        holder = lock.read().strip() or "unknown"
+        pid, _, holder = lock.read().strip().partition(" ")
         lock.close()
-        raise UsageError(f"--out-dir {out} is being written by another rid.py run (PID {holder}); wait for it to end, "
-                         "or choose another directory") from None
+        raise UsageError(f"{option} {out} is being written by another {holder or 'rid.py run'} (PID {pid or 'unknown'}"
+                         "); wait for it to end, or choose another directory") from None
     lock.seek(0)
     lock.truncate()
-    lock.write(f"{os.getpid()}\n")
+    lock.write(f"{os.getpid()} {program}\n")
     lock.flush()
     return lock
 
@@ -327,13 +373,50 @@ def is_metrics_line(line: bytes | str) -> bool:
         return False
 
 
-def write_lora(directory: Path, lora: dict[str, torch.Tensor]) -> None:
+# The safetensors metadata of each LoRA file beside diffusers' {"format": "pt"}: which run, task and reward it holds.
+LORA_RUN, LORA_TASK, LORA_REWARD = "rid_run_id", "rid_task", "rid_reward"
+
+
+def write_lora(directory: Path, lora: dict[str, torch.Tensor], run_id: str | None, task: int, reward: str) -> None:
     """A task's LoRA (PEFT's key names, rid.lora_state_dict) twice: in diffusers' format (LORA_FILE, for
     pipe.load_lora_weights) and in kohya's (KOHYA_FILE: lora_unet_... keys, lora_down/lora_up, an alpha per layer
-    equal to its rank, so scale 1), which ComfyUI, A1111 / Forge and diffusers itself load."""
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(lora))
-    save_file(convert_state_dict_to_kohya({f"unet.{key}": value for key, value in lora.items()}),
-              directory / KOHYA_FILE)
+    equal to its rank, so scale 1), which ComfyUI, A1111 / Forge and diffusers itself load. Each names its run, task
+    and reward in its metadata, which eval.py checks (a file copied from another task is not evaluated as this one),
+    and is written as every other output is, with the mode the umask gives (safetensors' save_file writes 600, which
+    a service running as another user cannot read)."""
+    metadata = {"format": "pt", LORA_TASK: str(task), LORA_REWARD: reward} | ({LORA_RUN: run_id} if run_id else {})
+
+    def save(tensors: dict[str, torch.Tensor], path) -> None:
+        Path(path).write_bytes(safetensors.torch.save(tensors, metadata))
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(lora),
+                                              save_function=save)
+    save(convert_state_dict_to_kohya({f"unet.{key}": value for key, value in lora.items()}), directory / KOHYA_FILE)
+
+
+STALE = "stale"  # OUT/stale/attempt<n>/: the task directories of an earlier attempt, moved aside by a restart
+
+
+def task_number(directory: Path) -> int | None:
+    """n of a task directory's name, task{n}_{reward} (None for another name, or a temporary directory)."""
+    match = re.fullmatch(r"task(\d+)_.+", directory.name)
+    return int(match[1]) if match and not directory.name.endswith(".tmp") and directory.is_dir() else None
+
+
+def move_stale_tasks(out: Path, first: int) -> str | None:
+    """A resumed run trains again from task `first` (the checkpoint's task; 1 without a checkpoint, deleted or never
+    written): the task directories from there on are an earlier attempt's, which eval.py would take for this one's if
+    this attempt stopped early. They go to OUT/stale/attempt<n>/, nothing lost; returns the line that says so."""
+    stale = sorted((d for d in out.glob("task[0-9]*_*") if (task_number(d) or 0) >= first), key=task_number)
+    if not stale:
+        return None
+    attempts = out / STALE
+    aside = attempts / f"attempt{len(list(attempts.glob('attempt*'))) + 1 if attempts.is_dir() else 1}"
+    with failed_write(aside):
+        aside.mkdir(parents=True)
+        for directory in stale:
+            os.replace(directory, aside / directory.name)
+    return (f"moved {', '.join(d.name for d in stale)} aside to {aside}: an earlier attempt wrote them, and this one "
+            f"trains again from task {first}")
 
 
 def write_run_files(args, out: Path, new: bool) -> str | None:
@@ -342,18 +425,25 @@ def write_run_files(args, out: Path, new: bool) -> str | None:
     if not new:
         return read_run_id(out)
     run_id = uuid.uuid4().hex
-    config = {**dataclasses.asdict(args), RUN_ID: run_id}
+    config = {**dataclasses.asdict(args), RUN_ID: run_id, BASE_FINGERPRINT: base_fingerprint(args)}
     atomic_write(out / "config.json", lambda f: f.write(json.dumps(config, indent=2).encode()))
     return run_id
 
 
-RUN_ID = "run_id"  # config.json's key beside rid.Args' fields
+# config.json's keys beside rid.Args' fields: the run's id, and the fingerprint of a local --model (base_fingerprint).
+RUN_ID, BASE_FINGERPRINT = "run_id", "base_fingerprint"
+RUN_KEYS = {RUN_ID, BASE_FINGERPRINT}
 
 
 def read_run_id(out: Path) -> str | None:
     """The run id in OUT/config.json (None for runs written before run ids existed, and for a damaged file)."""
+    return config_field(out, RUN_ID)
+
+
+def config_field(out: Path, key: str):
+    """One of RUN_KEYS in OUT/config.json (None for runs written before it existed, and for a damaged file)."""
     try:
-        return json.loads((out / "config.json").read_text()).get(RUN_ID)
+        return json.loads((out / "config.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -32,8 +32,8 @@ import figures
 from checks import (TRACKERS, Interrupted, TrainingStopped, UsageError, check_world_size, reward_names,
                     stop_requested, warn_long_prompts)
 from runfiles import (CHECKPOINT, KOHYA_FILE, LORA_FILE, Progress, WriteFailed, atomic_dir, atomic_write,
-                      check_checkpoint, keep_lines, load_checkpoint, lock_run_dir, restore, resume_hint, resume_task,
-                      save_checkpoint, write_lora, write_run_files)
+                      check_checkpoint, keep_lines, load_checkpoint, lock_run_dir, move_stale_tasks, restore,
+                      resume_hint, resume_task, save_checkpoint, write_lora, write_run_files)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data parallel: the LoRA gradients, the step's metrics and DDIM's noise across processes.
@@ -266,9 +266,8 @@ class Run:
         run sets self.finished and builds nothing."""
         self.args, self.new, self.out = args, new, Path(args.out_dir)
         self.checkpoint = load_checkpoint(self.out) if args.resume else None
-        self.finished = self.checkpoint is not None and self.checkpoint["task"] > len(reward_names(args))
+        self.finished = self.says_finished()
         if self.finished:
-            print(f"{self.out}: all {len(reward_names(args))} tasks are done; nothing to do", file=sys.stderr)
             return
         # cpu=True without a GPU too: Accelerate recognises several CPU processes (gloo) only when told to use the
         # CPU. Precision is rid.py's, not Accelerate's (rid.low_precision, rid.full_precision), and so is the scaler.
@@ -278,13 +277,20 @@ class Run:
         self.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=args.mixed_precision == "fp16")
         self.is_main = self.accelerator.is_main_process
 
+    def says_finished(self) -> bool:
+        """Whether the checkpoint says every task is done (a --resume then has nothing to do), saying so."""
+        tasks = len(reward_names(self.args))
+        if self.checkpoint is None or self.checkpoint["task"] <= tasks:
+            return False
+        print(f"{self.out}: all {tasks} tasks are done; nothing to do", file=sys.stderr)
+        return True
+
     def open(self, pipe, prompts: list[str], add_adapter) -> None:
         """Once the models are built and torch is seeded: the checks that need the model, then the lock and (main
-        process) config.json, then the checkpoint's state restored (add_adapter: rid.add_task_adapter)."""
+        process) config.json, then the checkpoint's state restored (add_adapter: rid.add_task_adapter). Sets
+        self.finished if another run finished this one while the models were built."""
         self.unet = pipe.unet
-        if self.checkpoint is not None:
-            check_checkpoint(self.checkpoint, pipe.unet, self.args, self.out / CHECKPOINT,
-                             self.accelerator.num_processes)
+        self.check_checkpoint()
         if self.is_main:
             warn_long_prompts(pipe.tokenizer, prompts)
         self.accelerator.wait_for_everyone()  # every process has checked --out-dir before the main one writes to it
@@ -292,6 +298,15 @@ class Run:
         if signum:  # SIGTERM or Ctrl-C while the models were built
             raise Interrupted(f"stopped by {signal.Signals(signum).name} before training; nothing was written", signum)
         self.lock = take_run_dir(self.accelerator, self.out, self.new)
+        self.reread_checkpoint()
+        if self.finished:
+            if self.lock is not None:
+                self.lock.close()
+            return
+        if self.is_main and self.args.resume and not self.new:
+            moved = move_stale_tasks(self.out, self.checkpoint["task"] if self.checkpoint else 1)
+            if moved:
+                print(moved, file=sys.stderr)
         run_id = self.write_files() if self.is_main else None
         self.progress = Progress(self.out, torch.Generator().manual_seed(self.args.seed), run_id,  # same everywhere
                                  processes=self.accelerator.num_processes)
@@ -301,6 +316,23 @@ class Run:
         elif self.args.resume and not self.new:
             self.accelerator.print(f"resuming {self.out}: it stopped before its first checkpoint, so it restarts from "
                                    "the top", file=sys.stderr)
+
+    def reread_checkpoint(self) -> None:
+        """The checkpoint read again now that the lock is held (every process, after the main one took it): another
+        --resume may have gone on, or finished the run, while this one built its models, and continuing from the
+        checkpoint read before would cut its metrics.jsonl back and write its later tasks over."""
+        if not self.args.resume:
+            return
+        self.checkpoint = load_checkpoint(self.out)
+        self.finished = self.says_finished()
+        if not self.finished:
+            self.check_checkpoint()
+
+    def check_checkpoint(self) -> None:
+        """The checkpoint to resume from, if any, belongs to this run and fits its model (runfiles.check_checkpoint)."""
+        if self.checkpoint is not None:
+            check_checkpoint(self.checkpoint, self.unet, self.args, self.out / CHECKPOINT,
+                             self.accelerator.num_processes)
 
     def write_files(self) -> str | None:
         args = self.args
@@ -393,7 +425,7 @@ class Run:
         titles = figures.model_titles(reward_names(args))
         grid = figures.image_grid(images, [titles[0], titles[task]], [f"{p}\nseed {args.seed}" for p in prompts])
         with atomic_dir(out / f"task{task}_{self.name}") as tmp:
-            write_lora(tmp, lora)
+            write_lora(tmp, lora, self.progress.run_id, task, self.name)
             grid.save(tmp / "samples.png")
         curves = figures.training_curves(figures.read_metrics(out / "metrics.jsonl"), args.grad_clip)
         atomic_write(out / "training_curves.png", lambda f: curves.savefig(f, format="png"))

@@ -1,6 +1,7 @@
 """Tests that the method works, on tiny models built from code (CPU, offline)."""
 import contextlib
 import dataclasses
+import errno
 import fnmatch
 import io
 import json
@@ -31,7 +32,8 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from huggingface_hub.errors import LocalEntryNotFoundError
 from peft import get_peft_model_state_dict
 from PIL import Image, ImageFont
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import CLIPImageProcessor
 
@@ -528,6 +530,7 @@ BAD_INPUTS = {
     "empty prompts": (["--prompts", "{t}/empty.txt"], "holds no prompt"),
     "binary prompts": (["--prompts", "{t}/binary.txt"], "a binary file"),
     "latin-1 prompts": (["--prompts", "{t}/latin1.txt"], "not UTF-8 (byte 0xe9 at offset 3)"),
+    "invisible prompts": (["--prompts", "{t}/invisible.txt"], "line 1 holds no visible character (only U+200B"),
     "zero steps": (["--steps-per-task", "0"], "--steps-per-task must be a positive integer"),
     "negative batch": (["--batch-size", "-2"], "--batch-size must be a positive integer"),
     "negative seed": (["--seed", "-1"], "--seed must be in [0, 2^63)"),
@@ -608,6 +611,7 @@ def prepare_bad_inputs(t: Path) -> None:
     (t / "empty.txt").write_text("\n  \n")
     (t / "binary.txt").write_bytes(bytes(range(256)))
     (t / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (t / "invisible.txt").write_text("\u200b\n\u200b\u200b\n")
     (t / "utf16.txt").write_bytes("a red circle on a black background\n".encode("utf-16"))
     os.mkfifo(t / "fifo")
     (t / "dangling").symlink_to(t / "nowhere")
@@ -800,6 +804,7 @@ EVAL_BAD_INPUTS = {  # "{run}": a complete evaluated run, "{t}": the test's dire
     "compare without eval.json": (["--compare", "{run}", "{t}/incomplete"], "no eval.json; run `python eval.py"),
     "compare, eval.json not JSON": (["--compare", "{t}/bad_eval"], "eval.json cannot be read as JSON"),
     "compare, eval.json of something else": (["--compare", "{t}/empty_eval"], "eval.json lacks rewards, "),
+    "compare, a run twice": (["--compare", "{run}", "{run}"], "is given twice (as "),
     "binary prompts": (["{run}", "--prompts", "{t}/binary.txt"], "a binary file"),
     "misspelt flag": (["{run}", "--num-promts", "2"], "unknown flag --num-promts; did you mean --num-prompts?"),
     "seeds not integers": (["{run}", "--seeds", "a"], "--seeds must be comma-separated integers"),
@@ -837,7 +842,9 @@ def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp
     """--compare prints a row per run and a mean ± std row; each bad input (eval.cli, in-process) exits with status
     2 and one line on stderr, and writes nothing."""
     evaluated_run = evaluated_run.out
-    assert evaluation.cli(["--compare", str(evaluated_run), str(evaluated_run)]) == 0
+    (tmp_path / "copy").mkdir()  # another run, evaluated alike
+    shutil.copy(evaluated_run / "eval.json", tmp_path / "copy")
+    assert evaluation.cli(["--compare", str(evaluated_run), str(tmp_path / "copy")]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 + 2 + 1 and "final avg reward" in lines[0] and "hps (final)" in lines[0]
     assert lines[-1].startswith("| mean ± std over 2 runs")
@@ -1237,7 +1244,8 @@ def first_step_gradient(args: rid.Args, accelerator) -> dict[str, torch.Tensor]:
     pipe.scheduler.set_timesteps(args.num_steps)
     torch.manual_seed(args.seed)
     params = rid.add_task_adapter(pipe.unet, "task1", args.lora_rank)
-    teacher = {n: p.detach().clone() for n, p in params.items()}
+    with seeded(1):  # a teacher that differs from the student, as after some steps: the same on every process
+        teacher = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in params.items()}
     rid.train_step(pipe, load_reward(args.rewards, accelerator.device, tiny=True), checks.DEFAULT_PROMPTS, teacher,
                    args, torch.Generator().manual_seed(args.seed), accelerator)
     rid.average_gradients(params, accelerator)
@@ -1898,8 +1906,10 @@ def test_only_the_current_tasks_scorer_is_on_the_training_device(tmp_path, monke
 
 def test_each_task_also_writes_a_kohya_lora_that_diffusers_reads_as_the_same_model(tmp_path):
     args, pipe, _ = two_task_setup(torch.float32)
-    runfiles.write_lora(tmp_path, rid.lora_state_dict(pipe.unet))
+    runfiles.write_lora(tmp_path, rid.lora_state_dict(pipe.unet), "abc", 2, "hps")
     kohya = load_file(tmp_path / runfiles.KOHYA_FILE)
+    with safe_open(tmp_path / runfiles.KOHYA_FILE, "pt") as f:  # ComfyUI shows it; eval.py reads the diffusers file's
+        assert f.metadata() == {"format": "pt", "rid_run_id": "abc", "rid_task": "2", "rid_reward": "hps"}
     assert all(key.startswith("lora_unet_") for key in kohya)
     alphas = [key for key in kohya if key.endswith(".alpha")]
     assert alphas and all(kohya[key].item() == 8 for key in alphas)  # two stacked rank-4 adapters: alpha = rank
@@ -1959,7 +1969,7 @@ HOLD_LOCK = """
 import sys, time
 from pathlib import Path
 import runfiles
-lock = runfiles.lock_run_dir(Path(sys.argv[1]))
+lock = runfiles.lock_run_dir(Path(sys.argv[1]), "--out-dir", *sys.argv[2:])
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -2249,3 +2259,306 @@ def test_ctrl_c_during_pretraining_keeps_every_file_it_had_not_finished(tmp_path
         line = stop_and_check(proc, lambda: os.killpg(proc.pid, signal.SIGINT), 130)
     assert line.startswith("pretrain_toy.py: interrupted by SIGINT")
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------ faults, round 3 (issue 27)
+
+def damaged_copy(t: Path, damage: dict[str, bytes | None]) -> Path:
+    """A copy of toy/pipeline in t with each named file replaced by the given bytes, or removed (None)."""
+    pipeline = t / "pipeline"
+    shutil.copytree(rewards.TOY_DIR / "pipeline", pipeline)
+    for name, data in damage.items():
+        (pipeline / name).unlink() if data is None else (pipeline / name).write_bytes(data)
+    return pipeline
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"tokenizer/tokenizer.json": None}, "its tokenizer has 2 tokens but its text encoder embeds 49408"),
+    ({"tokenizer/tokenizer_config.json": json.dumps({**json.loads((rewards.TOY_DIR / "pipeline/tokenizer/"
+                                                                    "tokenizer_config.json").read_text()),
+                                                     "model_max_length": None}).encode()},
+     "its tokenizer reads 1000000000000000019884624838656 tokens but its text encoder has 16 positions"),
+], ids=["no tokenizer.json", "no model_max_length"])
+def test_a_tokenizer_that_does_not_fit_the_text_encoder_is_refused_before_anything_is_written(damage, message,
+                                                                                              tmp_path, capsys):
+    """Before: without tokenizer.json transformers built a 2-token tokenizer and the run trained prompt-blind to exit
+    0; without tokenizer_config.json (or its model_max_length) an OverflowError traceback came after config.json and
+    metrics.jsonl (a missing file is now named before loading: test_a_damaged_toy_file_...)."""
+    pipeline = damaged_copy(tmp_path, damage)
+    status = rid.cli([*Q, "--model", str(pipeline), "--out-dir", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert status == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+    assert f"restore {pipeline}" in stderr and not (tmp_path / "run").exists()
+
+
+def test_the_largest_seed_trains(tmp_path):
+    """Before: --seed 10^17 passed the checks and crashed (Overflow when unpacking long long) at the first task's
+    spread, after config.json and metrics.jsonl were written."""
+    flags = tiny_flags(rewards="compressibility", steps_per_task=1, num_steps=2, resolution=16, seed=2 ** 63 - 1)
+    assert rid.cli([*flags, "--out-dir", str(tmp_path)]) == 0
+    assert rid.task_seed(10 ** 17, 2) < 2 ** 64 and rid.task_seed(3, 2) == 3002  # the old draws for small seeds
+
+
+def aborted_in_step(n: int):
+    """rid.train_step, with a second Ctrl-C (an abort at once, no checkpoint) in the n-th step of the run (1-based)."""
+    calls, train_step = [], rid.train_step
+
+    def step(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return train_step(*args, **kwargs)
+    return step
+
+
+def test_a_resume_reads_the_checkpoint_again_under_the_lock(tmp_path, monkeypatch, capsys):
+    """A second --resume started while a first one runs, and given the lock only after the first has finished the run,
+    has nothing to do. Before: it continued from the checkpoint it had read before building its models, cut
+    metrics.jsonl back and trained and wrote the last steps again."""
+    out = tmp_path / "run"
+    command = [*STOP_FLAGS, "--out-dir", str(out), "--resume"]
+    train_step, load_pipeline = rid.train_step, rid.load_pipeline
+    monkeypatch.setattr(rid, "train_step", aborted_in_step(3))
+    assert rid.cli(command) == 130  # the checkpoint of step 2
+    monkeypatch.setattr(rid, "train_step", train_step)
+    finished = []
+
+    def the_first_resume_finishes_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(rid, "load_pipeline", load_pipeline)
+        assert rid.cli(command) == 0
+        finished.append(snapshot(out))
+        return load_pipeline(*args, **kwargs)
+    monkeypatch.setattr(rid, "load_pipeline", the_first_resume_finishes_meanwhile)
+    capsys.readouterr()
+    assert rid.cli(command) == 0
+    assert capsys.readouterr().err.endswith(f"{out}: all 1 tasks are done; nothing to do\n")
+    assert snapshot(out) == finished[0] and metric_lines(out) == 4
+
+
+def test_a_restart_moves_the_earlier_attempts_tasks_aside_and_eval_takes_only_a_finished_run(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """checkpoint.pt deleted (as the messages advise to restart a run), and the restart stopped in task 2: before,
+    task2_compressibility of the earlier attempt stayed in place and eval.py evaluated a mix of the two attempts."""
+    out = tmp_path / "run"
+    command = [*tiny_flags(SMALL, rewards="aesthetic,compressibility", steps_per_task=2), "--out-dir", str(out)]
+    assert rid.cli(command) == 0
+    (out / "checkpoint.pt").unlink()
+    monkeypatch.setattr(rid, "train_step", aborted_in_step(3))  # the first of task 2
+    capsys.readouterr()
+    assert rid.cli([*command, "--resume"]) == 130
+    aside = out / "stale" / "attempt1"
+    assert (f"moved task1_aesthetic, task2_compressibility aside to {aside}: an earlier attempt wrote them, and this "
+            "one trains again from task 1") in capsys.readouterr().err
+    assert sorted(p.name for p in aside.iterdir()) == ["task1_aesthetic", "task2_compressibility"]
+    assert (out / "task1_aesthetic" / LORA_FILE).is_file() and not (out / "task2_compressibility").exists()
+    shutil.copytree(aside / "task2_compressibility", out / "task2_compressibility")  # even with every task's LoRA
+    with pytest.raises(cli.UsageError, match="unfinished run, stopped at task 2, step 0; finish it"):
+        evaluation.load_run(out)
+
+
+def one_layer_lora(rank: int) -> dict[str, torch.Tensor]:
+    layer = "mid_block.attentions.0.transformer_blocks.0.attn1.to_k"
+    return {f"{layer}.lora_A.weight": torch.ones(rank, 8), f"{layer}.lora_B.weight": torch.ones(8, rank)}
+
+
+def lora_run(t: Path) -> Path:
+    """A finished-looking tiny run of aesthetic, hps (run id abc) as eval.load_run reads it: config.json and each
+    task's LoRA files, of one layer each (no checkpoint, as a run written before checkpoints named their task)."""
+    run = t / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({**dataclasses.asdict(tiny_args(rewards="aesthetic,hps")),
+                                                 "run_id": "abc"}))
+    for task, name in ((1, "aesthetic"), (2, "hps")):
+        (run / f"task{task}_{name}").mkdir()
+        runfiles.write_lora(run / f"task{task}_{name}", one_layer_lora(4 * task), "abc", task, name)
+    return run
+
+
+def test_eval_refuses_a_lora_file_of_another_task_and_every_lora_file_has_the_outputs_mode(tmp_path):
+    """Each LoRA file names its run, task and reward in its metadata. Before: task 1's file copied over task 2's was
+    evaluated as "after task 2" (exit 0), and both LoRA files were written mode 600 (a service running as another user
+    could not read them) while every other output follows the umask."""
+    run = lora_run(tmp_path)
+    evaluation.load_run(run)
+    modes = {path.stat().st_mode & 0o777 for path in [run / "config.json", *run.glob("task*/*.safetensors")]}
+    assert len(modes) == 1
+    shutil.copy(run / "task1_aesthetic" / LORA_FILE, run / "task2_hps" / LORA_FILE)
+    with pytest.raises(cli.UsageError, match=r"task2_hps/pytorch_lora_weights.safetensors holds task 1 \(aesthetic\) "
+                                             r"of run abc, not task 2 \(hps\) of this run \(run abc, rank 8\)"):
+        evaluation.load_run(run)
+    StableDiffusionPipeline.save_lora_weights(run / "task2_hps", unet_lora_layers=convert_state_dict_to_diffusers(
+        one_layer_lora(4)))  # as files were written before they named their task: the rank tells
+    with pytest.raises(cli.UsageError, match=r"holds a LoRA of rank 4, not task 2 \(hps\)"):
+        evaluation.load_run(run)
+
+
+@pytest.mark.parametrize("weights", [dict(reward_scale=0.0, lambda_out=0.0), {}], ids=["L_feat alone", "every term"])
+def test_distillation_means_the_same_however_the_batch_is_split(weights, monkeypatch):
+    """With a perturbed teacher, one micro-batch of 2 and --grad-accum 2 micro-batches of 1 (what 2 processes x 1
+    compute, averaged) on the same prompts and x_T give the same gradient. Before: L_feat divided each layer's MSE by
+    the teacher's activation variance over its own micro-batch, and the L_feat gradients differed by 35 %."""
+    args, pipe, params, prompts, latents = tiny_setup(steps=3, **weights)
+    with seeded(1):
+        teacher = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in params.items()}
+    scorer = load_reward("aesthetic", "cpu", tiny=True)
+    batches = []
+    monkeypatch.setattr(rid, "draw_batch", lambda *_: batches.pop(0))
+
+    def gradient(args, slices):
+        batches.extend((prompts[s], latents[s], 1) for s in slices)
+        for p in params.values():
+            p.grad = None
+        for _ in slices:
+            rid.train_step(pipe, scorer, prompts, teacher, args, torch.Generator().manual_seed(0))
+        return [p.grad for p in params.values()]
+    one = gradient(args, [slice(0, 2)])
+    split = gradient(dataclasses.replace(args, batch_size=1, grad_accum=2), [slice(0, 1), slice(1, 2)])
+    for g, g_split in zip(one, split):
+        torch.testing.assert_close(g_split, g, rtol=1e-4, atol=1e-4 * g.abs().max().item())
+    assert sum(g.abs().sum() for g in one) > 0
+
+
+def test_eval_refuses_a_run_another_eval_writes_and_a_read_only_run_in_one_line_before_generating(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    """Before: two eval.py at once on one run shared eval_rewards.png.tmp and the loser blamed the disk (exit 74); on a
+    read-only run directory a 28-line traceback after generating (failed_write's own unlink raised EROFS)."""
+    run = lora_run(tmp_path)
+    monkeypatch.setattr(evaluation, "generate_rows", lambda *args: pytest.fail("generated"))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run), "eval.py"], stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert evaluation.cli([str(run)]) == 2
+        assert capsys.readouterr().err.endswith(f"\neval.py: error: run directory {run} is being written by another "
+                                                f"eval.py (PID {holder.pid}); wait for it to end, or choose another "
+                                                "directory\n")  # after the line of CPU threads
+    finally:
+        holder.kill()
+        holder.wait()
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    def refused(*args, **kwargs):
+        raise read_only
+    monkeypatch.setattr(checks.tempfile, "TemporaryDirectory", refused)  # the probe of a read-only mount (as root)
+    assert evaluation.cli([str(run)]) == 2
+    assert capsys.readouterr().err == (f"eval.py: error: run directory {run}: cannot write in {run.absolute()} "
+                                       "(Read-only file system); choose a writable directory\n")
+    monkeypatch.setattr(Path, "unlink", refused)  # the cleanup of a failed write fails as well on a read-only mount
+    with pytest.raises(runfiles.WriteFailed, match=r"cannot write .*eval.json \(Read-only file system; "):
+        runfiles.atomic_write(run / "eval.json", refused)
+
+
+def test_prompts_end_at_newlines_only_must_show_a_character_and_many_long_ones_are_one_warning(tmp_path, capfd):
+    """Before: U+2028, U+0085, \\x0b and \\x0c split a prompt in two, a file of zero-width spaces was two invisible
+    prompts, and 1,000 over-long prompts printed 1,000 warning lines."""
+    odd = tmp_path / "odd.txt"
+    odd.write_text("a red\u2028circle\x0bon\x0ca\x85black background\r\nsecond\n")
+    assert checks.read_prompts(str(odd)) == ["a red\u2028circle\x0bon\x0ca\x85black background", "second"]
+    invisible = tmp_path / "invisible.txt"
+    invisible.write_text("a cat\n\u200b\n\u200b \u200b\n")
+    with pytest.raises(cli.UsageError, match=r"line 2 holds no visible character \(only U\+200B ZERO WIDTH SPACE\)"):
+        checks.read_prompts(str(invisible))
+    invisible.write_text("🐱\n")  # a symbol shows
+    assert checks.read_prompts(str(invisible)) == ["🐱"]
+    tokenizer = rid.load_pipeline(tiny_args(), torch.device("cpu")).tokenizer
+    capfd.readouterr()
+    checks.warn_long_prompts(tokenizer, ["a cat"] + [f"prompt {i} " * 20 for i in range(1000)])
+    assert capfd.readouterr().err == ("warning: 1000 prompts are too long; the first, 'prompt 0 prompt 0 prompt 0 prompt "
+                                      "0 prom...', has 42 tokens; the text encoder reads the first 16\n")
+
+
+def test_compare_refuses_a_run_given_twice_and_runs_evaluated_on_other_rewards_or_prompts(tmp_path):
+    """Before: --compare A A counted one run twice in its mean ± std, and runs of other reward lists or eval prompts
+    were averaged without a word."""
+    result = {key: None for key in evaluation.EVAL_KEYS} | {
+        "rows": ["base", "after task 1 (aesthetic)"], "rewards": ["aesthetic"], "prompts": ["a cat"], "seeds": [0],
+        "reward_matrix": [[0.0], [1.0]], "structure_drift_ssim": [1.0, 0.9], "cost": None}
+    runs = {"a": result, "b": result, "other_rewards": result | {"rewards": ["aesthetic", "hps"]},
+            "other_prompts": result | {"prompts": ["a dog"]}}
+    for name, content in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(content))
+    assert "mean ± std over 2 runs" in evaluation.compare([tmp_path / "a", tmp_path / "b"])
+    for others, message in ((["b/../a"], "b/../a is given twice (as "),
+                            (["other_rewards"], "other_rewards was evaluated on other rewards than "),
+                            (["other_prompts"], "other_prompts was evaluated on other prompts than ")):
+        with pytest.raises(cli.UsageError, match=re.escape(message)):
+            evaluation.compare([tmp_path / "a", *[tmp_path / other for other in others]])
+
+
+HALF = object()  # damaged_toy: cut the file to half its size
+
+
+@pytest.fixture
+def damaged_toy(tmp_path, monkeypatch):
+    """damaged_toy({name: bytes, None or HALF}): a copy of toy/ in tmp_path, taken for the toy world (rewards.TOY_DIR,
+    models.TOY_DIR), with each named file replaced, removed or cut; returns the copy's pipeline directory."""
+    toy = tmp_path / "toy"
+    shutil.copytree(rewards.TOY_DIR, toy)
+    monkeypatch.setattr(rewards, "TOY_DIR", toy)
+    monkeypatch.setattr(models, "TOY_DIR", toy)
+    rewards.openai_vit_l14.cache_clear()
+
+    def damage(files: dict) -> Path:
+        for name, data in files.items():
+            path = toy / name
+            data = path.read_bytes()[:path.stat().st_size // 2] if data is HALF else data
+            path.unlink() if data is None else path.write_bytes(data)
+        return toy / "pipeline"
+    yield damage
+    rewards.openai_vit_l14.cache_clear()
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("pipeline/unet/diffusion_pytorch_model.safetensors", None, "unet/diffusion_pytorch_model.safetensors is missing"),
+    ("pipeline/unet/diffusion_pytorch_model.safetensors", HALF, "diffusion_pytorch_model.safetensors cannot be read"),
+    ("pipeline/vae/config.json", b"[]", "vae/config.json holds a JSON list, not the object of a config"),
+    ("pipeline/text_encoder/config.json", b'{"hidden_size": ', "text_encoder/config.json cannot be read as JSON"),
+    ("pipeline/text_encoder/model.safetensors", b"", "text_encoder/model.safetensors cannot be read"),
+    ("pipeline/scheduler/scheduler_config.json", None, "scheduler/scheduler_config.json is missing"),
+    ("pipeline/tokenizer/tokenizer.json", b"\x00garbled", "tokenizer/tokenizer.json cannot be read as JSON"),
+    ("pipeline/unet/config.json", b"{}", "cannot load --model"),  # an object of other fields: the library's reason
+    ("open_clip_model.safetensors", HALF, "cannot load the toy model {toy}/open_clip_model.safetensors"),
+    ("aesthetic_mlp.pth", b"garbled", "cannot load the toy model {toy}/aesthetic_mlp.pth"),
+    ("HPS_v2.1_toy.pt", b"", "cannot load the toy model {toy}/HPS_v2.1_toy.pt"),
+], ids=["unet weights missing", "unet weights cut", "vae config a list", "text encoder config cut",
+        "text encoder weights empty", "scheduler config missing", "tokenizer garbled", "unet config of other fields",
+        "openai tower cut", "aesthetic head garbled", "hps checkpoint empty"])
+def test_a_damaged_toy_file_is_one_line_naming_it_before_anything_is_written(name, data, message, damaged_toy,
+                                                                              tmp_path, capsys):
+    """A missing, empty, cut or garbled file of toy/ (the pipeline's configs and weights, the towers): exit 2, the
+    file named, how to restore toy/, nothing written. Before: 21 of these were 21-42-line tracebacks, the rest told to
+    `hf download` a local path, and a missing UNet weight was called diffusion_pytorch_model.bin."""
+    pipeline = damaged_toy({name: data})
+    rewards_flag = "hps" if "HPS" in name else "aesthetic"
+    status = rid.cli([*Q, "--rewards", rewards_flag, "--model", str(pipeline), "--out-dir", str(tmp_path / "run")])
+    stderr = capsys.readouterr().err
+    assert status == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert message.format(toy=tmp_path / "toy") in stderr and rewards.TOY_HINT in stderr, stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_reads_the_judge_before_generating(damaged_toy, tmp_path, capsys, monkeypatch):
+    """Before: a damaged judge.safetensors was a traceback after every image was generated."""
+    damaged_toy({"judge.safetensors": b"garbled"})
+    monkeypatch.setattr(evaluation, "generate_rows", lambda *args: pytest.fail("generated"))
+    assert evaluation.cli([str(lora_run(tmp_path))]) == 2
+    assert capsys.readouterr().err.endswith(f"eval.py: error: cannot load the toy model {tmp_path}/toy/judge.safetensors "
+                                            f"(Error while deserializing header: header too small); {rewards.TOY_HINT}\n")
+
+
+def test_resume_refuses_base_weights_that_changed_at_the_same_path(tmp_path, monkeypatch, capsys):
+    """Before: --resume after the base model's weights changed at the same --model path continued silently."""
+    pipeline = damaged_copy(tmp_path, {})
+    out = tmp_path / "run"
+    command = [*tiny_flags(SMALL, rewards="compressibility"), "--model", str(pipeline), "--out-dir", str(out)]
+    monkeypatch.setattr(rid, "train_step", aborted_in_step(3))
+    assert rid.cli(command) == 130  # the checkpoint of step 2
+    weights = pipeline / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({name: tensor + 1e-3 for name, tensor in load_file(weights).items()}, weights)  # retrained, same shapes
+    capsys.readouterr()
+    assert rid.cli([*command, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rid.py: error: --resume: the base model at {pipeline} changed since the run in {out} "
+                          "started (its files' fingerprint ") and len(err.splitlines()) == 1
