@@ -548,6 +548,28 @@ def worker_pool(workers: int):
             signal.signal(signum, handler)
 
 
+def tool_status(program: str, run) -> int:
+    """The exit status of a tool that runs jobs in a worker_pool (ril_benchmark.py, pretrain_toy.py): 0 done, 2 bad
+    input, 74 a write failed, 130/143 interrupted (every finished job kept), 1 a job failed (its log named), each
+    failure one line on stderr."""
+    try:
+        run()
+        return 0
+    except (UsageError, MissingWeights, WriteFailed) as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return EXIT_STATUS[type(error)]
+    except Interrupted as error:
+        print(f"{program}: {error}", file=sys.stderr)
+        return error.status
+    except KeyboardInterrupt:  # outside a pool: Ctrl-C between the jobs, every file written atomically
+        print(f"{program}: interrupted; every finished job is kept: run the same command again to continue",
+              file=sys.stderr)
+        return 130
+    except RuntimeError as error:  # a job failed: its own message says where its log is
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return 1
+
+
 def exit_status(program: str, run) -> int:
     """Call run() with SIGTERM and SIGINT stopping it gracefully; returns the exit status: 0 done, 2 bad input,
     3 diverged, 74 a write failed, 130/143 interrupted (SIGINT/SIGTERM), each failure one line on stderr."""

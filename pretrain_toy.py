@@ -517,17 +517,10 @@ def load_toy_pipeline(path: Path) -> StableDiffusionPipeline:
 
 
 def cli(argv: list[str]) -> int:
-    """python pretrain_toy.py FLAGS: 0 done, 2 bad input (nothing written), 74 a write failed, 130/143 interrupted
-    (SIGINT/SIGTERM; the files of unfinished stages are as they were), each failure one line on stderr."""
-    try:
-        pretrain(command_line.parse(PretrainArgs, argv, prog="pretrain_toy.py", description=__doc__.split("\n")[0]))
-        return 0
-    except (command_line.UsageError, runfiles.WriteFailed) as error:
-        print(f"pretrain_toy.py: error: {error}", file=sys.stderr)
-        return checks.EXIT_STATUS[type(error)]
-    except checks.Interrupted as error:
-        print(f"pretrain_toy.py: {error}", file=sys.stderr)
-        return error.status
+    """python pretrain_toy.py FLAGS (checks.tool_status: 2 bad input with nothing written, 130/143 interrupted with the
+    files of unfinished stages as they were)."""
+    return checks.tool_status("pretrain_toy.py", lambda: pretrain(command_line.parse(
+        PretrainArgs, argv, prog="pretrain_toy.py", description=__doc__.split("\n")[0])))
 
 
 if __name__ == "__main__":

@@ -713,7 +713,6 @@ def run_matrices(result: dict) -> str:
 
 def write_outputs(plan: Plan, result: dict) -> None:
     import runfiles
-    import figures  # noqa: F401  (matplotlib, with the project's settings)
     outputs = {"ril.json": lambda f: f.write(json.dumps(result, indent=2).encode()),
                "ril.md": lambda f: f.write(tables(result).encode()),
                "runs.md": lambda f: f.write(run_matrices(result).encode()),
@@ -782,21 +781,10 @@ def gains_plot(result: dict):
 
 
 def cli(argv: list[str]) -> int:
-    """python ril_benchmark.py FLAGS: 0 done, 2 bad input, 74 a write failed, 130/143 interrupted (every complete
-    run kept), each failure one line on stderr."""
+    """python ril_benchmark.py FLAGS (checks.tool_status: 2 bad input before any run, 130/143 interrupted with every
+    complete run kept, 1 a run failed, its log named)."""
     import checks
-    try:
-        main(parse_args(argv))
-        return 0
-    except (command_line.UsageError, checks.WriteFailed) as error:
-        print(f"ril_benchmark.py: error: {error}", file=sys.stderr)
-        return checks.EXIT_STATUS[type(error)]
-    except checks.Interrupted as error:
-        print(f"ril_benchmark.py: {error}", file=sys.stderr)
-        return error.status
-    except RuntimeError as error:
-        print(f"ril_benchmark.py: error: {error}", file=sys.stderr)
-        return 1
+    return checks.tool_status("ril_benchmark.py", lambda: main(parse_args(argv)))
 
 
 if __name__ == "__main__":

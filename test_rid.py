@@ -996,13 +996,18 @@ def metric_lines(out) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
-def kill_when(proc, condition, timeout=180):
-    """SIGKILL `proc` as soon as condition() holds (polled every 20 ms); fails if the process ends first."""
+def wait_for(condition, proc, timeout=240):
+    """Until condition() holds (polled every 20 ms); fails if the process ends first or the time runs out."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert proc.poll() is None, f"finished before the kill point: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, "kill point not reached"
+        assert proc.poll() is None, f"ended before the point waited for: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the point waited for was not reached"
         time.sleep(0.02)
+
+
+def kill_when(proc, condition, timeout=180):
+    """SIGKILL `proc` as soon as condition() holds; fails if the process ends first."""
+    wait_for(condition, proc, timeout)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -2181,14 +2186,6 @@ def start_tool(script: str, *flags, stdout=subprocess.DEVNULL) -> subprocess.Pop
     process group."""
     return subprocess.Popen([sys.executable, str(HERE / script), *flags], stdout=stdout, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def wait_for(condition, proc, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"ended before the point waited for: {proc.communicate()}"
-        assert time.monotonic() < deadline, "the point waited for was not reached"
-        time.sleep(0.05)
 
 
 def stop_and_check(proc, send, status: int) -> str:
