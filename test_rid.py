@@ -55,6 +55,7 @@ from rewards import OPENAI_MEAN, OPENAI_STD, TOWER_CONFIGS, TOY_TOWER, Aesthetic
     centre_crop, clip_tower, letterbox, load_aesthetic_mlp, load_hps_weights, load_reward, normalise, seeded
 
 HERE = Path(__file__).parent
+checks.choose_threads()  # as every program does: the cores free now, unless OMP_NUM_THREADS says
 
 # A tiny run of 4 steps on one reward at T=2 and 16x16: a few seconds. A preset for tiny_args and tiny_flags.
 SMALL = dict(rewards="aesthetic", steps_per_task=4, num_steps=2, resolution=16, checkpoint_every=2)
