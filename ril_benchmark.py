@@ -99,8 +99,9 @@ class RILArgs:
     out: str = option("runs/ril", "the benchmark's directory: runs/, the tables, the plots")
     preset: Literal["full", "quick"] = option("full", "full: every method and sweep at --budgets; quick: budget 20, "
                                               "seed 0, three settings of plain and RID and two of C-LoRA")
-    methods: str = option(",".join([*METHODS, MERGED]), "methods to run, comma-separated (see METHODS; merged LoRAs "
-                          "merge the single-task references)")
+    methods: str | None = option(None, "methods, or single settings by their labels ('plain lr=0.005'), "
+                                 "comma-separated (METHODS; merged LoRAs merge the single-task references) [full: every "
+                                 "method / quick: QUICK's settings]")
     budgets: str | None = option(None, "optimizer steps per task, comma-separated [full 20,60 / quick 20]; the first "
                                  "is the short budget's sweep, the others the long one's")
     seeds: str | None = option(None, "training seeds of the sweeps and references [full 0,1,2 / quick 0]")
@@ -110,15 +111,17 @@ class RILArgs:
     workers: int = option(2, "runs side by side, one thread each")
 
 
-PRESETS = {"full": dict(budgets="20,60", seeds="0,1,2", report_seeds="0,1,2,3,4"),
-           "quick": dict(budgets="20", seeds="0", report_seeds="0")}
+PRESETS = {"full": dict(methods=",".join([*METHODS, MERGED]), budgets="20,60", seeds="0,1,2", report_seeds="0,1,2,3,4"),
+           "quick": dict(methods=",".join(QUICK), budgets="20", seeds="0", report_seeds="0")}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """What the flags ask for, checked: methods, budgets and seeds as lists."""
+    """What the flags ask for, checked: methods (each whole, or only the settings named in `labels`), budgets and
+    seeds as lists."""
     out: Path
     methods: tuple[str, ...]
+    labels: frozenset[str]
     budgets: tuple[int, ...]
     seeds: tuple[int, ...]
     report_seeds: tuple[int, ...]
@@ -143,11 +146,15 @@ def parse_args(argv: list[str]) -> Plan:
     integer lists in range, --out writable."""
     opts = command_line.parse(RILArgs, argv, prog="ril_benchmark.py", description=__doc__.split("\n")[0])
     opts = dataclasses.replace(opts, **{k: v for k, v in PRESETS[opts.preset].items() if getattr(opts, k) is None})
-    methods = tuple(m.strip() for m in opts.methods.split(","))
-    unknown = [m for m in methods if m not in METHODS and m != MERGED]
-    if unknown or len(set(methods)) < len(methods):
-        raise command_line.UsageError(f"--methods: unknown method {unknown[0]!r}; known: {', '.join([*METHODS, MERGED])}"
+    items = [m.strip() for m in opts.methods.split(",")]
+    labels = {label(method, settings): method for method, (_, sweeps) in METHODS.items()
+              for kind in sweeps.values() for settings in kind}
+    unknown = [m for m in items if m not in METHODS and m != MERGED and m not in labels]
+    if unknown or len(set(items)) < len(items):
+        raise command_line.UsageError(f"--methods: unknown method or setting {unknown[0]!r}; methods: "
+                                      f"{', '.join([*METHODS, MERGED])}, or a setting's label as the tables show it"
                                       if unknown else f"--methods names a method twice: {opts.methods}")
+    methods = tuple(dict.fromkeys(labels.get(m, m) for m in items))
     if "plain" not in methods:
         raise command_line.UsageError("--methods must include plain: the references and the matched plasticity are "
                                       "plain fine-tuning's")
@@ -157,7 +164,7 @@ def parse_args(argv: list[str]) -> Plan:
     out = Path(opts.out)
     checks.check_name_lengths(out, "--out")
     checks.check_writable(out, "--out", out)
-    return Plan(out, methods, integers(opts.budgets, "--budgets", 1, 10_000),
+    return Plan(out, methods, frozenset(m for m in items if m in labels), integers(opts.budgets, "--budgets", 1, 10_000),
                 integers(opts.seeds, "--seeds", 0, checks.SEED_LIMIT),
                 integers(opts.report_seeds, "--report-seeds", 0, checks.SEED_LIMIT),
                 integers(opts.eval_seeds, "--eval-seeds", 0, checks.SEED_LIMIT), opts.workers, opts.preset == "quick")
@@ -197,11 +204,13 @@ def run_dir(out: Path, job: Job) -> Path:
     return out / "runs" / key
 
 
-def sweep_settings(method: str, budget_kind: str, quick: bool) -> list[dict]:
+def sweep_settings(method: str, budget_kind: str, plan: "Plan") -> list[dict]:
+    """The method's settings at this budget ("short" or "long") that the plan runs: all, or those named by label."""
     if method == MERGED:
-        return [dict(lr=lr, merge=w) for lr in reference_lrs(quick) for w in MERGE_WEIGHTS]
-    settings = METHODS[method][1].get(budget_kind, [])
-    return [s for s in settings if label(method, s) in QUICK] if quick else settings
+        return [dict(lr=lr, merge=w) for lr in reference_lrs(plan.quick) for w in MERGE_WEIGHTS]
+    sweeps = METHODS[method][1]
+    by_label = any(label(method, s) in plan.labels for kind in sweeps.values() for s in kind)
+    return [s for s in sweeps.get(budget_kind, []) if not by_label or label(method, s) in plan.labels]
 
 
 def knob_value(method: str, settings: dict):
@@ -232,7 +241,7 @@ def sweep_jobs(plan: Plan, seeds: tuple[int, ...] | None = None) -> list[Job]:
     jobs = []
     for b, budget in enumerate(plan.budgets):
         for method in plan.methods:
-            for i, settings in enumerate(sweep_settings(method, "short" if b == 0 else "long", plan.quick)):
+            for i, settings in enumerate(sweep_settings(method, "short" if b == 0 else "long", plan)):
                 jobs += [sweep_job(method, budget, i, settings, seed) for seed in seeds or plan.seeds]
     return jobs
 
@@ -555,7 +564,7 @@ def report_jobs(plan: Plan, chosen: dict) -> list[Job]:
     jobs = []
     for b, budget in enumerate(plan.budgets):
         for method in chosen[budget]["best"]:
-            settings = sweep_settings(method, "short" if b == 0 else "long", plan.quick)
+            settings = sweep_settings(method, "short" if b == 0 else "long", plan)
             for i in sorted({chosen[budget]["best"][method], chosen[budget]["matched"][method]}):
                 jobs += [sweep_job(method, budget, i, settings[i], seed) for seed in plan.report_seeds]
     return jobs
@@ -622,7 +631,7 @@ def tabulate(plan: Plan, chosen: dict, reports: list[Job], refs: dict) -> dict:
         c = chosen[budget]
         rows = {}
         for method in c["best"]:
-            settings = sweep_settings(method, "short" if b == 0 else "long", plan.quick)
+            settings = sweep_settings(method, "short" if b == 0 else "long", plan)
             for i in sorted({c["best"][method], c["matched"][method]}):
                 group = [job for job in reports if job.method == method and job.budget == budget and job.setting == i]
                 rows[label(method, settings[i])] = {
@@ -630,7 +639,7 @@ def tabulate(plan: Plan, chosen: dict, reports: list[Job], refs: dict) -> dict:
                     "validation plasticity": (c["validation"][method][i]["plasticity"] or {}).get("mean"),
                     **summarise_setting(plan.out, group, "test", refs[budget]["test"])}
         frontier = {method: [{"label": label(method, sweep_settings(method, "short" if b == 0 else "long",
-                                                                    plan.quick)[i]),
+                                                                    plan)[i]),
                               **{k: s[k] for k in ("ACC", "BWT", "forgetting", "plasticity", "intransigence",
                                                    "fidelity held-out", "SSIM", "own gain")}}
                              for i, s in sorted(c["validation"][method].items())]

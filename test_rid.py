@@ -2122,9 +2122,11 @@ def test_benchmark_runs_are_keyed_by_their_resolved_arguments_and_never_reused_u
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--methods", "plain,bogus"], "unknown method 'bogus'"),
+    (["--methods", "plain,bogus"], "unknown method or setting 'bogus'"),
+    (["--methods", "plain lr=0.004"], "unknown method or setting 'plain lr=0.004'"),
     (["--methods", "plain,RID,plain"], "names a method twice"),
     (["--methods", "RID"], "must include plain"),
+    (["--methods", "RID lambda=1 lr=0.01"], "must include plain"),
     (["--seeds", "0,x"], "--seeds must be comma-separated integers"),
     (["--seeds", "0,0"], "--seeds must be different integers"),
     (["--eval-seeds", "-1"], "--eval-seeds must be different integers in"),
@@ -2153,35 +2155,6 @@ def test_sequence_metrics_and_the_matched_plasticity_choice_on_hand_made_matrice
     assert ril_benchmark.mean_ci([1.0, 2.0, 3.0]) == {"mean": 2.0, "ci": pytest.approx(4.303 / math.sqrt(3)), "n": 3}
 
 
-@pytest.mark.slow
-def test_the_ril_benchmark_sweeps_chooses_on_validation_and_reports_on_test(tmp_path, monkeypatch):
-    """The benchmark's machinery at 2 steps per task, two settings of plain and one of RID, one seed: sweeps
-    evaluated on validation, references on both splits, the choice, the tables, plots and matrices; a second call
-    trains and evaluates nothing."""
-    monkeypatch.setattr(ril_benchmark, "QUICK", ("plain lr=0.002", "plain lr=0.01", "RID lambda=1 lr=0.01"))
-    plan = ril_benchmark.parse_args(["--out", str(tmp_path), "--preset", "quick", "--budgets", "2",
-                                     "--methods", "plain,RID", "--eval-seeds", "0"])
-    result = ril_benchmark.main(plan)
-    budget = result["budgets"]["2"]
-    assert {p["label"] for p in budget["frontier (validation)"]["plain"]} == {"plain lr=0.002", "plain lr=0.01"}
-    assert {r["method"] for r in budget["test rows"].values()} == {"plain", "RID"}
-    best_plain = next(r for r in budget["test rows"].values() if r["method"] == "plain" and r["best"])
-    assert budget["target plasticity (validation)"] == best_plain["validation plasticity"]
-    assert len(budget["references (test)"][5e-3]["single-task"]) == 3 == len(budget["references (test)"][5e-3]["joint"])
-    for row in budget["test rows"].values():
-        assert len(row["gain"]) == 4 and len(row["fidelity held-out"]) == 4 and row["seeds"] == [0]
-        run = tmp_path / row["runs"][0]
-        assert json.loads((run / "config.json").read_text())["steps_per_task"] == 2
-        assert (run / "eval_test.json").is_file() and (run / "grid_test.png").is_file()
-    for name in ("ril.md", "ril.json", "runs.md", "frontier.png", "ril.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert "| plain lr=" in (tmp_path / "ril.md").read_text()
-    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/eval_*.json")}
-    monkeypatch.setattr(ril_benchmark, "run_job", None)  # nothing left to run: no worker is started
-    ril_benchmark.main(plan)
-    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/eval_*.json")}
-
-
 def start_tool(script: str, *flags, stdout=subprocess.DEVNULL) -> subprocess.Popen:
     """A program in its own session, as a terminal starts one, so that a test can send Ctrl-C's SIGINT to its
     process group."""
@@ -2204,11 +2177,15 @@ def stop_and_check(proc, send, status: int) -> str:
 
 
 @pytest.mark.slow
-def test_ctrl_c_and_sigterm_stop_the_benchmark_and_its_workers_and_the_same_command_continues(tmp_path):
-    """Ctrl-C (SIGINT to the process group) while the first runs train, then SIGTERM to the main process alone while
-    later runs train: each time every worker stops at once, the program exits 130 / 143 with one line, and what was
-    complete is kept; the third start finishes the benchmark and retrains nothing that was evaluated."""
-    flags = ["--out", str(tmp_path), "--preset", "quick", "--budgets", "2", "--methods", "plain", "--eval-seeds", "0"]
+def test_the_benchmark_stops_on_ctrl_c_and_sigterm_continues_and_chooses_on_validation_to_report_on_test(tmp_path,
+                                                                                                        monkeypatch):
+    """The benchmark at 2 steps per task, two settings of plain and one of RID, one seed. Ctrl-C (SIGINT to the
+    process group) while the first runs train, then SIGTERM to the main process alone while later runs train: each
+    time every worker stops at once, the program exits 130 / 143 with one line, and what was complete is kept. The
+    third start finishes: sweeps evaluated on validation, references on both splits, the choice, the tables, plots
+    and matrices, and nothing evaluated before is evaluated again; a fourth call has nothing to run."""
+    flags = ["--out", str(tmp_path), "--preset", "quick", "--budgets", "2", "--eval-seeds", "0",
+             "--methods", "plain lr=0.002,plain lr=0.01,RID lambda=1 lr=0.01"]
     proc = start_tool("ril_benchmark.py", *flags)
     wait_for(lambda: any(tmp_path.glob("runs/*/metrics.jsonl")), proc)
     line = stop_and_check(proc, lambda: os.killpg(proc.pid, signal.SIGINT), 130)
@@ -2219,10 +2196,29 @@ def test_ctrl_c_and_sigterm_stop_the_benchmark_and_its_workers_and_the_same_comm
     evaluated = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/eval_validation.json")}
     assert "interrupted by SIGTERM" in stop_and_check(proc, lambda: proc.send_signal(signal.SIGTERM), 143)
     proc = start_tool("ril_benchmark.py", *flags)
-    out, err = proc.communicate(timeout=600)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in evaluated.items())
-    assert (tmp_path / "ril.md").is_file()
+    result = json.loads((tmp_path / "ril.json").read_text())
+    budget = result["budgets"]["2"]
+    assert {p["label"] for p in budget["frontier (validation)"]["plain"]} == {"plain lr=0.002", "plain lr=0.01"}
+    assert {r["method"] for r in budget["test rows"].values()} == {"plain", "RID"}
+    best_plain = next(r for r in budget["test rows"].values() if r["method"] == "plain" and r["best"])
+    assert budget["target plasticity (validation)"] == best_plain["validation plasticity"]
+    references = budget["references (test)"]["0.005"]
+    assert len(references["single-task"]) == 3 == len(references["joint"])
+    for row in budget["test rows"].values():
+        assert len(row["gain"]) == 4 and len(row["fidelity held-out"]) == 4 and row["seeds"] == [0]
+        run = tmp_path / row["runs"][0]
+        assert json.loads((run / "config.json").read_text())["steps_per_task"] == 2
+        assert (run / "eval_test.json").is_file() and (run / "grid_test.png").is_file()
+    for name in ("ril.md", "ril.json", "runs.md", "frontier.png", "ril.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| plain lr=" in (tmp_path / "ril.md").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/eval_*.json")}
+    monkeypatch.setattr(ril_benchmark, "run_job", None)  # nothing left to run: no worker is started
+    ril_benchmark.main(ril_benchmark.parse_args(flags))
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/eval_*.json")}
 
 
 @pytest.mark.parametrize("flags, message", [
