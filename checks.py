@@ -472,7 +472,8 @@ def warn_long_prompts(tokenizer, prompts: list[str]) -> None:
         return
     prompt, tokens = long[0]
     short = prompt if len(prompt) <= 40 else prompt[:40] + "..."
-    which = f"prompt {short!r} has" if len(long) == 1 else f"{len(long)} prompts are too long; the first, {short!r}, has"
+    which = (f"prompt {short!r} has" if len(long) == 1 else
+             f"{len(long)} prompts are too long; the first, {short!r}, has")
     print(f"warning: {which} {tokens} tokens; the text encoder reads the first {limit}", file=sys.stderr)
 
 

@@ -90,10 +90,10 @@ class PretrainArgs:
                                   "default)")
     fidelity_prompts: int = option(240, "prompts per split (seen, held-out) of the final fidelity check")
     stages: str = option("images,critics,report", "what to run, comma-separated: images (VAE, then UNet and text "
-                         "encoder), judge, aesthetic (the ViT-L-14 tower with the aesthetic head; the clip reward reads "
-                         "the same tower), hps (the ViT-H-14 tower with the toy preference), critics (judge, aesthetic "
-                         "and hps), report (fidelity of the pipeline in --out, and pretraining.json); two stages run "
-                         "side by side")
+                         "encoder), judge, aesthetic (the ViT-L-14 tower with the aesthetic head; the clip reward "
+                         "reads the same tower), hps (the ViT-H-14 tower with the toy preference), critics (judge, "
+                         "aesthetic and hps), report (fidelity of the pipeline in --out, and pretraining.json); two "
+                         "stages run side by side")
 
 
 STAGE_ORDER = ("images", "judge", "aesthetic", "hps", "report")
@@ -352,11 +352,12 @@ def preference_headroom(scorer, n: int, generator: torch.Generator) -> dict:
     radius = torch.full((n,), RADIUS[0])
     centre = torch.stack([world["centre"][:, 0].clamp(1.2 * RADIUS[0], SIZE - 1.2 * RADIUS[0]),
                           torch.full((n,), SIZE - 1.2 * RADIUS[0])], dim=1)
-    best = scorer(toyworld.draw(world["shape"], world["colour"], world["background"], centre, radius), world["captions"])
+    best_images = toyworld.draw(world["shape"], world["colour"], world["background"], centre, radius)
+    best = scorer(best_images, world["captions"])
     spread = scores.std().item()
+    correlation = torch.corrcoef(torch.stack([scores, world["preference"]]))[0, 1].item()
     return {"mean": round(scores.mean().item(), 4), "std": round(spread, 4),
-            "correlation_with_preference": round(torch.corrcoef(torch.stack([scores, world["preference"]]))[0, 1].item(),
-                                                 4),
+            "correlation_with_preference": round(correlation, 4),
             "best_gain_in_std": round((best.mean().item() - scores.mean().item()) / spread, 3)}
 
 

@@ -73,7 +73,8 @@ class Args:
     shared_adapter: bool = option(False, "one LoRA adapter for all tasks instead of one each")
     # Sampling and optimisation.
     num_steps: int | None = option(None, "DDIM steps T")
-    guidance_scale: float = option(7.5, "classifier-free guidance scale w (the toy world's best fidelity is at 7.5 too)")
+    guidance_scale: float = option(7.5, "classifier-free guidance scale w (the toy world's best fidelity is at 7.5 "
+                                   "too)")
     eta: float = option(0.0, "DDIM eta (0: deterministic)")
     steps_per_task: int | None = option(None, "optimizer steps per reward")
     batch_size: int | None = option(None, "prompts per process and micro-batch")

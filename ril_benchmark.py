@@ -69,20 +69,23 @@ METHODS = {
     "plain": ("lr", {"short": [dict(PLAIN, lr=lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2)],
                      "long": [dict(PLAIN, lr=lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3)]}),
     "adapter group": ("lr", {"short": [dict(GROUP, lr=lr) for lr in (2e-3, 5e-3, 1e-2)]}),
-    "EMA distillation": ("lambda", {"short": [dict(RID, **both(w), shared_adapter=True, lr=1e-2) for w in (0.3, 1, 3, 10)],
-                                    "long": [dict(RID, **both(w), shared_adapter=True, lr=1e-2) for w in (1, 3)]}),
+    "EMA distillation": ("lambda", {
+        "short": [dict(RID, **both(w), shared_adapter=True, lr=1e-2) for w in (0.3, 1, 3, 10)],
+        "long": [dict(RID, **both(w), shared_adapter=True, lr=1e-2) for w in (1, 3)]}),
     "RID": ("lambda", {"short": [dict(RID, **both(w), lr=1e-2) for w in (0.1, 0.3, 1, 3, 10)]
                        + [dict(RID, **both(1), lr=lr) for lr in (5e-3, 2e-2)],
                        "long": [dict(RID, **both(w), lr=1e-2) for w in (0.3, 1, 3, 10)]}),
     "RID parts": ("part", {"short": [dict(RID, lambda_out=1.0, lambda_feat=0.0, lr=1e-2),
                                      dict(RID, lambda_out=0.0, lambda_feat=1.0, lr=1e-2),
                                      *[dict(RID, **both(1), ema_decay=mu, lr=1e-2) for mu in (0.8, 0.97, 1.0)]]}),
-    "C-LoRA": ("baseline:weight", {"short": [dict(CLORA, baseline=f"clora weight={w:g}", lr=1e-2) for w in (0.1, 1, 10, 100)],
-                                   "long": [dict(CLORA, baseline=f"clora weight={w:g}", lr=1e-2) for w in (1, 10)]}),
+    "C-LoRA": ("baseline:weight", {
+        "short": [dict(CLORA, baseline=f"clora weight={w:g}", lr=1e-2) for w in (0.1, 1, 10, 100)],
+        "long": [dict(CLORA, baseline=f"clora weight={w:g}", lr=1e-2) for w in (1, 10)]}),
     "generative distillation": ("baseline:weight", {
         "short": [baseline(f"replay weight={w:g}", lr=1e-2) for w in (0.3, 1, 3, 10)],
         "long": [baseline(f"replay weight={w:g}", lr=1e-2) for w in (1, 10)]}),
-    "InfLoRA": ("baseline:energy", {"short": [baseline(f"inflora energy={e:g}", lr=1e-2) for e in (0.8, 0.9, 0.95, 0.99)]}),
+    "InfLoRA": ("baseline:energy", {
+        "short": [baseline(f"inflora energy={e:g}", lr=1e-2) for e in (0.8, 0.9, 0.95, 0.99)]}),
     "backward progressive": ("baseline:start", {
         "short": [dict(PLAIN, baseline=f"progressive start={k} levels=4", lr=lr) for k, lr in
                   ((1, 5e-3), (5, 5e-3), (5, 2e-3))]}),
@@ -100,8 +103,8 @@ class RILArgs:
     preset: Literal["full", "quick"] = option("full", "full: every method and sweep at --budgets; quick: budget 20, "
                                               "seed 0, three settings of plain and RID and two of C-LoRA")
     methods: str | None = option(None, "methods, or single settings by their labels ('plain lr=0.005'), "
-                                 "comma-separated (METHODS; merged LoRAs merge the single-task references) [full: every "
-                                 "method / quick: QUICK's settings]")
+                                 "comma-separated (METHODS; merged LoRAs merge the single-task references) [full: "
+                                 "every method / quick: QUICK's settings]")
     budgets: str | None = option(None, "optimizer steps per task, comma-separated [full 20,60 / quick 20]; the first "
                                  "is the short budget's sweep, the others the long one's")
     seeds: str | None = option(None, "training seeds of the sweeps and references [full 0,1,2 / quick 0]")
@@ -164,7 +167,8 @@ def parse_args(argv: list[str]) -> Plan:
     out = Path(opts.out)
     checks.check_name_lengths(out, "--out")
     checks.check_writable(out, "--out", out)
-    return Plan(out, methods, frozenset(m for m in items if m in labels), integers(opts.budgets, "--budgets", 1, 10_000),
+    return Plan(out, methods, frozenset(m for m in items if m in labels),
+                integers(opts.budgets, "--budgets", 1, 10_000),
                 integers(opts.seeds, "--seeds", 0, checks.SEED_LIMIT),
                 integers(opts.report_seeds, "--report-seeds", 0, checks.SEED_LIMIT),
                 integers(opts.eval_seeds, "--eval-seeds", 0, checks.SEED_LIMIT), opts.workers, opts.preset == "quick")
@@ -710,7 +714,8 @@ def run_matrices(result: dict) -> str:
     for budget, b in result["budgets"].items():
         for name, r in b["test rows"].items():
             lines = [f"## {name}, {budget} steps per task (seeds {', '.join(map(str, r['seeds']))})",
-                     "| model | " + " | ".join(names) + " | fidelity held-out | SSIM |", "|---|" + "---|" * (len(names) + 2)]
+                     "| model | " + " | ".join(names) + " | fidelity held-out | SSIM |",
+                     "|---|" + "---|" * (len(names) + 2)]
             for i, row in enumerate(r["gain"]):
                 title = "base" if i == 0 else "merged" if r["method"] == MERGED else f"after {names[i - 1]}"
                 lines.append(f"| {title} | " + " | ".join(f"{v:.2f}" for v in row) +
