@@ -277,6 +277,12 @@ def forgetting(matrix: torch.Tensor, learned: list[int]) -> list[float | None]:
     return [(matrix[t:last, j].max() - matrix[last, j]).item() if t < last else None for j, t in enumerate(learned)]
 
 
+def plasticity(matrix: torch.Tensor, learned: list[int]) -> list[float | None]:
+    """P_j = R[t_j][j] - R[t_j - 1][j]: what the task that trained reward j gained on it over the model before that
+    task (None for a reward no task trained). Unlike G[t_j][j], it does not count what earlier tasks did to reward j."""
+    return [(matrix[t, j] - matrix[t - 1, j]).item() if t > 0 else None for j, t in enumerate(learned)]
+
+
 def final_average(matrix: torch.Tensor, columns: list[str], task_rewards: list[str]) -> float:
     """mean_j R[N][j] over the run's own rewards (extra rewards are reported, not averaged)."""
     return matrix[-1, [columns.index(name) for name in trained_rewards(task_rewards)]].mean().item()
@@ -301,7 +307,7 @@ def headline(scores, correct, splits, learned: list[int], columns: list[str], ta
     gain = gain_in_base_std(scores)
     forgotten = forgetting(gain, learned)
     return {"gain_in_base_std": gain.tolist(), "final_average_gain": final_average(gain, columns, task_rewards),
-            "forgetting_in_base_std": forgotten,
+            "plasticity_in_base_std": plasticity(gain, learned), "forgetting_in_base_std": forgotten,
             "mean_forgetting_in_base_std": mean_defined([f for name, f in zip(columns, forgotten)
                                                          if name in trained_rewards(task_rewards)]),
             "fidelity": fidelity(correct, splits)}
@@ -398,7 +404,9 @@ def report_markdown(result: dict) -> str:
                ["SSIM to base after the last task", result["structure_drift_ssim"][-1]]]
     gains = [[with_ci(g, i) for g, i in zip(row, row_ci)]
              for row, row_ci in zip(result["gain_in_base_std"], ci["gain_in_base_std"])]
-    forgetting_rows = zip(columns, map(str, result["learned_at"]), result["forgetting"],
+    forgetting_rows = zip(columns, map(str, result["learned_at"]),
+                          map(with_ci, result["plasticity_in_base_std"], ci["plasticity_in_base_std"]),
+                          result["forgetting"],
                           map(with_ci, result["forgetting_in_base_std"], ci["forgetting_in_base_std"]))
     parts = [f"# Evaluation of `{result['run']}`",
              f"{len(result['prompts'])} prompts x seeds {result['seeds']}, the same x_T in every row; [lo, hi]: 95 % "
@@ -406,8 +414,10 @@ def report_markdown(result: dict) -> str:
              "## Summary", markdown_table(["metric", "value"], summary),
              "## Reward matrix R[i][j] (mean over images)", by_row(["model", *columns], *zip(*result["reward_matrix"])),
              "## Change from base in base standard deviations, G[i][j]", by_row(["model", *columns], *zip(*gains)),
-             "## Forgetting F_j = max over rows from t_j to N-1 of R[i][j], minus R[N][j]",
-             markdown_table(["reward", "learned at task", "F_j (raw)", "F_j (base std)"], list(forgetting_rows)),
+             "## Plasticity P_j = G[t_j][j] - G[t_j - 1][j] (what its own task gained) and forgetting F_j = max over "
+             "rows from t_j to N-1 of R[i][j], minus R[N][j]",
+             markdown_table(["reward", "learned at task", "P_j (base std)", "F_j (raw)", "F_j (base std)"],
+                            list(forgetting_rows)),
              *fidelity_table(result),
              "## Structure drift: mean SSIM to the base images (1 = same structure)",
              by_row(["model", "SSIM"], result["structure_drift_ssim"])]
