@@ -711,6 +711,9 @@ def test_forgetting_and_averages_on_hand_made_matrices():
     # nothing to forget; extra (never trained): every row before N counts, base included.
     assert evaluation.forgetting(matrix, learned) == [1.5, 1.0, None, 3.0]
     assert evaluation.forgetting(matrix[:1], [0]) == [None]  # no task at all
+    # Plasticity: each reward's own task over the row before it: a 2 - 0, b 12 - 10, c 7 - 6; extra never trained.
+    assert evaluation.plasticity(matrix, learned) == [2.0, 2.0, 1.0, None]
+    assert evaluation.learned_at(["a", "b", "c"], ["a+b", "c"]) == [1, 1, 2]  # a joint task trains each of its rewards
     assert evaluation.final_average(matrix, columns, task_rewards) == pytest.approx((0.5 + 11 + 7) / 3)
     assert evaluation.mean_defined([1.5, 1.0, None]) == 1.25 and evaluation.mean_defined([None]) is None
     scores = torch.tensor([[[1.0], [3.0]], [[4.0], [4.0]]])  # (rows, images, rewards): base mean 2, std sqrt(2)
