@@ -66,26 +66,31 @@ def baseline(spec: str, **flags) -> dict:
 # its --baseline) and its sweep, {budget kind: [rid.py flags over the tiny defaults]}. "short" is the quick start's
 # 20 steps a task, "long" any longer budget (the rows the headline rests on).
 METHODS = {
-    "plain": ("lr", {"short": [dict(PLAIN, lr=lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2)],
+    "plain": ("lr", {"short": [dict(PLAIN, lr=lr) for lr in (1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2, 2e-2)],
                      "long": [dict(PLAIN, lr=lr) for lr in (1e-3, 2e-3, 3e-3, 5e-3)]}),
     "adapter group": ("lr", {"short": [dict(GROUP, lr=lr) for lr in (2e-3, 5e-3, 1e-2)]}),
     "EMA distillation": ("lambda", {
         "short": [dict(RID, **both(w), shared_adapter=True, lr=1e-2) for w in (0.3, 1, 3, 10)],
-        "long": [dict(RID, **both(w), shared_adapter=True, lr=1e-2) for w in (1, 3)]}),
+        "long": [dict(RID, **both(w), shared_adapter=True, lr=1e-2) for w in (1, 3)]
+        + [dict(RID, **both(3), shared_adapter=True, lr=2e-3)]}),
     "RID": ("lambda", {"short": [dict(RID, **both(w), lr=1e-2) for w in (0.1, 0.3, 1, 3, 10)]
-                       + [dict(RID, **both(1), lr=lr) for lr in (5e-3, 2e-2)],
-                       "long": [dict(RID, **both(w), lr=1e-2) for w in (0.3, 1, 3, 10)]}),
+                       + [dict(RID, **both(1), lr=lr) for lr in (2e-3, 5e-3, 2e-2)],
+                       "long": [dict(RID, **both(w), lr=1e-2) for w in (0.3, 1, 3, 10)]
+                       + [dict(RID, **both(w), lr=2e-3) for w in (1, 3)]}),
     "RID parts": ("part", {"short": [dict(RID, lambda_out=1.0, lambda_feat=0.0, lr=1e-2),
                                      dict(RID, lambda_out=0.0, lambda_feat=1.0, lr=1e-2),
                                      *[dict(RID, **both(1), ema_decay=mu, lr=1e-2) for mu in (0.8, 0.97, 1.0)]]}),
     "C-LoRA": ("baseline:weight", {
-        "short": [dict(CLORA, baseline=f"clora weight={w:g}", lr=1e-2) for w in (0.1, 1, 10, 100)],
-        "long": [dict(CLORA, baseline=f"clora weight={w:g}", lr=1e-2) for w in (1, 10)]}),
+        "short": [dict(CLORA, baseline=f"clora weight={w:g}", lr=lr) for w, lr in ((0.1, 1e-2), (1, 1e-2), (10, 1e-2),
+                                                                                (100, 1e-2), (10, 5e-3), (10, 2e-3))],
+        "long": [dict(CLORA, baseline=f"clora weight={w:g}", lr=lr) for w, lr in ((1, 1e-2), (10, 1e-2), (10, 2e-3))]}),
     "generative distillation": ("baseline:weight", {
-        "short": [baseline(f"replay weight={w:g}", lr=1e-2) for w in (0.3, 1, 3, 10)],
-        "long": [baseline(f"replay weight={w:g}", lr=1e-2) for w in (1, 10)]}),
+        "short": [baseline(f"replay weight={w:g}", lr=1e-2) for w in (0.3, 1, 3, 10)]
+        + [baseline("replay weight=10", lr=lr) for lr in (5e-3, 2e-3)],
+        "long": [baseline(f"replay weight={w:g}", lr=lr) for w, lr in ((1, 1e-2), (10, 1e-2), (10, 2e-3))]}),
     "InfLoRA": ("baseline:energy", {
-        "short": [baseline(f"inflora energy={e:g}", lr=1e-2) for e in (0.8, 0.9, 0.95, 0.99)]}),
+        "short": [baseline(f"inflora energy={e:g}", lr=1e-2) for e in (0.8, 0.9, 0.95, 0.99)]
+        + [baseline("inflora energy=0.9", lr=lr) for lr in (5e-3, 2e-3)]}),
     "backward progressive": ("baseline:start", {
         "short": [dict(PLAIN, baseline=f"progressive start={k} levels=4", lr=lr) for k, lr in
                   ((1, 5e-3), (5, 5e-3), (5, 2e-3))]}),
