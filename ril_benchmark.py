@@ -198,10 +198,19 @@ class Job:
 
 
 def resolved(job: Job) -> dict:
-    """The run's full rid.Args as config.json records them (without --out-dir and --resume)."""
+    """The run's full rid.Args as config.json records them, as a run's key (key_arguments)."""
     import rid
-    args = rid.resolve(rid.Args(tiny=True, **job.settings))
-    return {k: v for k, v in dataclasses.asdict(args).items() if k not in ("out_dir", "resume")}
+    return key_arguments(dataclasses.asdict(rid.resolve(rid.Args(tiny=True, **job.settings))))
+
+
+def key_arguments(args: dict) -> dict:
+    """What names a run: its rid.Args without --out-dir and --resume, and with the toy world's pipeline named
+    "toy/pipeline" wherever the checkout lies (rid.py records the absolute path), so that a moved checkout, or
+    another worktree of it, finds its runs."""
+    key = {k: v for k, v in args.items() if k not in ("out_dir", "resume")}
+    if key.get("tiny") and Path(key["model"]).parts[-2:] == ("toy", "pipeline"):
+        key["model"] = "toy/pipeline"
+    return key
 
 
 def run_dir(out: Path, job: Job) -> Path:
@@ -298,7 +307,7 @@ def check_reusable(out: Path, jobs: list[Job]) -> None:
             continue
         config = run_dir(out, job) / "config.json"
         if config.is_file():
-            held = {k: v for k, v in runfiles.read_config(config, rid.Args).items() if k not in ("out_dir", "resume")}
+            held = key_arguments(runfiles.read_config(config, rid.Args))
             asked = resolved(job)
             differ = sorted(k for k in asked if held.get(k) != asked[k])
             if differ:

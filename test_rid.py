@@ -2109,7 +2109,7 @@ def bench_job(**flags) -> "ril_benchmark.Job":
 def test_benchmark_runs_are_keyed_by_their_resolved_arguments_and_never_reused_under_others(tmp_path):
     """A run directory is named by its resolved rid.py arguments: other flags name another one; a directory whose
     config.json holds other arguments (an edit, or rid.py's defaults changed under the same name) is refused in one
-    line before anything trains."""
+    line before anything trains. The toy world's pipeline counts by name, not by where the checkout lies."""
     out, job = tmp_path, bench_job()
     assert ril_benchmark.run_dir(out, job) != ril_benchmark.run_dir(out, bench_job(seed=1))
     assert ril_benchmark.run_dir(out, job) != ril_benchmark.run_dir(
@@ -2119,6 +2119,8 @@ def test_benchmark_runs_are_keyed_by_their_resolved_arguments_and_never_reused_u
     config = {**ril_benchmark.resolved(job), "out_dir": str(directory), "resume": False}
     (directory / "config.json").write_text(json.dumps(config))
     ril_benchmark.check_reusable(out, [job])  # the same arguments: kept
+    (directory / "config.json").write_text(json.dumps({**config, "model": "/another/checkout/toy/pipeline"}))
+    ril_benchmark.check_reusable(out, [job])  # the toy world's pipeline in another worktree or a moved checkout
     (directory / "config.json").write_text(json.dumps({**config, "steps_per_task": 20}))
     with pytest.raises(cli.UsageError, match=r"holds a run with other arguments \(steps_per_task: 20, asked 2\)"):
         ril_benchmark.check_reusable(out, [job])
