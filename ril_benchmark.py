@@ -757,33 +757,43 @@ COLOURS = {"plain": "black", "adapter group": "grey", "EMA distillation": "tab:b
            "InfLoRA": "tab:orange", "backward progressive": "tab:brown", MERGED: "tab:olive"}
 
 
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (plasticity, forgetting) no other point beats on both (more plasticity and less forgetting), in the
+    order of their plasticity: a method's stability-plasticity frontier."""
+    front = [p for p in points if not any(q != p and q[0] >= p[0] and q[1] <= p[1] for q in points)]
+    return sorted(front)
+
+
 def frontier_plot(result: dict):
-    """Per budget, each method's sweep on validation: plasticity against forgetting (mean over seeds, 95 %
-    intervals), a line per method in the order of its knob; B and M mark the chosen settings."""
+    """Per budget, every setting of every method on validation: plasticity against forgetting (means over seeds; their
+    intervals are in ril.md), each method's frontier (pareto) as a line; the settings chosen for the test rows
+    enlarged and labelled. Lower right is better: more learned, less forgotten."""
     from matplotlib.figure import Figure
     budgets = result["budgets"]
-    fig = Figure(figsize=(6.5 * len(budgets), 5.5), dpi=110, layout="tight")
+    fig = Figure(figsize=(10 * len(budgets), 6.5), dpi=110, layout="tight")
     for ax, (budget, b) in zip(fig.subplots(1, len(budgets), squeeze=False)[0], budgets.items()):
+        numbers = {name: i for i, name in enumerate(b["test rows"], start=1)}  # the chosen settings, numbered
         for method, points in b["frontier (validation)"].items():
             if method == MERGED:  # no sequence: no plasticity or forgetting to place it by
                 continue
-            x = [p["plasticity"]["mean"] for p in points]
-            y = [p["forgetting"]["mean"] for p in points]
-            xerr = [p["plasticity"]["ci"] or 0 for p in points]
-            yerr = [p["forgetting"]["ci"] or 0 for p in points]
-            style = dict(color=COLOURS.get(method), marker="o", capsize=2, alpha=0.85)
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, label=method, linestyle="none" if method == "RID parts" else "-",
-                        **style)
-            for p, px, py in zip(points, x, y):
-                ax.annotate(p["label"].removeprefix(method).strip().split(" lr=")[0], (px, py), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
+            xy = [(p["plasticity"]["mean"], p["forgetting"]["mean"]) for p in points]
+            colour = COLOURS.get(method)
+            ax.scatter(*zip(*xy), color=colour, s=14, alpha=0.6)
+            ax.plot(*zip(*pareto(xy)), color=colour, linewidth=1.5, label=method)
+            for p, (x, y) in zip(points, xy):
+                if p["label"] in numbers:
+                    ax.scatter([x], [y], color=colour, s=90, edgecolors="black", zorder=3)
+                    ax.annotate(str(numbers[p["label"]]), (x, y), fontsize=6, ha="center", va="center", zorder=4,
+                                color="white", weight="bold")
+        key = "\n".join(f"{i}  {name}" for name, i in numbers.items() if b["test rows"][name]["method"] != MERGED)
+        ax.text(1.02, 1.0, key, transform=ax.transAxes, fontsize=7, va="top", family="monospace")
         ax.axvline(b["target plasticity (validation)"], color="black", linestyle=":", linewidth=1,
-                   label="matched plasticity")
+                   label="matched plasticity (plain's best)")
         ax.set(xlabel="plasticity: own-task gain over the model before the task (base std)",
-               ylabel="forgetting: mean drop of earlier rewards (base std)",
-               title=f"{budget} steps per task (validation captions)")
+               ylabel="forgetting: mean drop of earlier rewards (base std)", ylim=(-0.5, 5.5),
+               title=f"{budget} steps per task, validation captions (numbered: chosen for the test rows)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     return fig
 
 

@@ -1281,8 +1281,9 @@ torch.save({n: p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in
 def test_two_processes_average_gradients_and_stay_identical(tmp_path):
     """2 processes x batch 1 (torch.distributed on CPU, gloo) against 1 process x batch 2 on the same prompts and noise
     (each process keeps its slice of the shared global batch): the averaged gradient of a step equals the single
-    process's to 1e-4 of each tensor's largest entry (float summation order), and after 2 optimizer steps through
-    main() both ranks hold bit-identical LoRA tensors, the teacher's update included."""
+    process's to 1e-3 of each tensor's largest entry (float summation order differs with the batch split; a missing
+    average is off by 2x), and after 2 optimizer steps through main() both ranks hold bit-identical LoRA tensors, the
+    teacher's update included."""
     script = tmp_path / "run_and_save_lora.py"
     script.write_text(RUN_AND_SAVE_LORA)
     two_processes = dict(rewards="aesthetic", num_steps=4, resolution=16, eta=1.0)  # eta: each keeps its noise slice
@@ -1298,7 +1299,7 @@ def test_two_processes_average_gradients_and_stay_identical(tmp_path):
         averaged = torch.load(tmp_path / f"two.grad_rank{rank}.pt")
         assert averaged.keys() == single.keys()
         for n, g in single.items():
-            torch.testing.assert_close(averaged[n], g, rtol=0, atol=1e-4 * g.abs().max().item())
+            torch.testing.assert_close(averaged[n], g, rtol=0, atol=1e-3 * g.abs().max().item())
     assert any(g.abs().max() > 0 for g in single.values())
     rank0, rank1 = (torch.load(tmp_path / f"two.lora_rank{r}.pt") for r in (0, 1))
     assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)  # gradients averaged, not kept per process
