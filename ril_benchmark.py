@@ -206,8 +206,11 @@ def resolved(job: Job) -> dict:
 def key_arguments(args: dict) -> dict:
     """What names a run: its rid.Args without --out-dir and --resume, and with the toy world's pipeline named
     "toy/pipeline" wherever the checkout lies (rid.py records the absolute path), so that a moved checkout, or
-    another worktree of it, finds its runs."""
-    key = {k: v for k, v in args.items() if k not in ("out_dir", "resume")}
+    another worktree of it, finds its runs; numbers as config.json records them."""
+    import rid
+    real = {f.name for f in dataclasses.fields(rid.Args) if f.type in (float, float | None)}
+    # A sweep's weight of 1 is recorded as 1.0 (rid.Args' field is a float): one key for both spellings.
+    key = {k: float(v) if k in real and type(v) is int else v for k, v in args.items() if k not in ("out_dir", "resume")}
     if key.get("tiny") and Path(key["model"]).parts[-2:] == ("toy", "pipeline"):
         key["model"] = "toy/pipeline"
     return key

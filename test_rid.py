@@ -2110,11 +2110,15 @@ def bench_job(**flags) -> "ril_benchmark.Job":
 def test_benchmark_runs_are_keyed_by_their_resolved_arguments_and_never_reused_under_others(tmp_path):
     """A run directory is named by its resolved rid.py arguments: other flags name another one; a directory whose
     config.json holds other arguments (an edit, or rid.py's defaults changed under the same name) is refused in one
-    line before anything trains. The toy world's pipeline counts by name, not by where the checkout lies."""
+    line before anything trains. The toy world's pipeline counts by name, not by where the checkout lies, and a
+    number by its value."""
     out, job = tmp_path, bench_job()
     assert ril_benchmark.run_dir(out, job) != ril_benchmark.run_dir(out, bench_job(seed=1))
     assert ril_benchmark.run_dir(out, job) != ril_benchmark.run_dir(
         out, ril_benchmark.Job("sweep", "plain", 3, 0, 0, tuple(dict(job.settings, steps_per_task=3).items())))
+    integer, real = (ril_benchmark.Job("sweep", "plain", 2, 0, 0, tuple(dict(job.settings, lambda_out=w).items()))
+                     for w in (1, 1.0))  # a sweep's 1 is 1.0 in config.json: the same run
+    assert ril_benchmark.run_dir(out, integer) == ril_benchmark.run_dir(out, real)
     directory = ril_benchmark.run_dir(out, job)
     directory.mkdir(parents=True)
     config = {**ril_benchmark.resolved(job), "out_dir": str(directory), "resume": False}
