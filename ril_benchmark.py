@@ -98,8 +98,9 @@ METHODS = {
 MERGED = "merged LoRAs"  # model soups: the single-task references' LoRAs summed, each with one of MERGE_WEIGHTS
 MERGE_WEIGHTS = (1 / 3, 2 / 3, 1.0)
 REFERENCE_LRS = (2e-3, 5e-3, 1e-2)  # plain fine-tuning's single-task and joint references, at each of these
-QUICK = ("plain lr=0.002", "plain lr=0.005", "plain lr=0.01", "RID lambda=0.3 lr=0.01", "RID lambda=1 lr=0.01",
-         "RID lambda=3 lr=0.01", "C-LoRA weight=1 lr=0.01", "C-LoRA weight=10 lr=0.01")  # --preset quick's settings
+# --preset quick's settings: around each method's best of the full benchmark (docs/ril-benchmark.md)
+QUICK = ("plain lr=0.001", "plain lr=0.002", "plain lr=0.005", "RID lambda=1 lr=0.002", "RID lambda=3 lr=0.01",
+         "RID lambda=10 lr=0.01", "C-LoRA weight=10 lr=0.002", "C-LoRA weight=10 lr=0.005")
 
 
 @dataclass

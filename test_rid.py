@@ -452,10 +452,10 @@ def test_saved_loras_reproduce_the_trained_model_and_the_rewards_rise(run):
     with torch.no_grad():
         rise_aesthetic = (aesthetic(score["task1_aesthetic"], EVAL_PROMPTS) - aesthetic(score["base"], EVAL_PROMPTS))
         rise_hps = (hps(score["task2_hps"], EVAL_PROMPTS) - hps(score["task1_aesthetic"], EVAL_PROMPTS))
-    # Margins: under half of the smallest rise measured over seeds 0-4 with the tiny defaults on the toy world, 0.81
-    # (aesthetic, a 0-10 score: 0.81 to 1.19) and 0.0112 (hps, a cosine: 0.0112 to 0.079), by this test's protocol.
-    assert rise_aesthetic.mean() > 0.4, rise_aesthetic
-    assert rise_hps.mean() > 5e-3, rise_hps
+    # Margins: under half of the smallest rise measured over seeds 0-4 with the tiny defaults (lr 2e-3) on the toy
+    # world, by this test's protocol: aesthetic, a 0-10 score, 0.285 to 0.457; hps, a preference score, 0.0308 to 0.0536.
+    assert rise_aesthetic.mean() > 0.14, rise_aesthetic
+    assert rise_hps.mean() > 0.015, rise_hps
 
 
 @pytest.mark.slow
@@ -794,9 +794,12 @@ def test_eval_writes_every_output_with_its_shapes(evaluated_run):
         expected = load_reward("compressibility", "cpu")(images, prompts * 2)
     assert result["reward_matrix"][0][0] == pytest.approx(expected.mean().item(), rel=1e-5)
     assert torch.equal(grid_tiles(grid, 2, 3, 128)[:, 0], upscaled(images[:2], 128))  # base column: seed 0's images
-    # The last column: eval.py loads the UNet's LoRA alone; diffusers' documented pipe.load_lora_weights gives the same.
+    # The last column: eval.py loads the UNet's LoRA alone; diffusers' documented pipe.load_lora_weights gives the same
+    # to one 8-bit level (float rounding across a quantisation step: 64 of 98304 values at lr 2e-3; another LoRA moves
+    # whole shapes).
     base.load_lora_weights(out / "task2_aesthetic")
-    assert torch.equal(grid_tiles(grid, 2, 3, 128)[:, 2], upscaled(rid.generate(base, prompts, latents[:2], args), 128))
+    last = upscaled(rid.generate(base, prompts, latents[:2], args), 128).int()
+    assert (grid_tiles(grid, 2, 3, 128)[:, 2].int() - last).abs().max() <= 1
 
 
 EVAL_BAD_INPUTS = {  # "{run}": a complete evaluated run, "{t}": the test's directory (see prepare_eval_bad_inputs)
