@@ -45,8 +45,8 @@ class BenchmarkArgs:
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda if available, else cpu)"})
     json: str | None = field(default=None, metadata={"help": "also write the results to this JSON file"})
     decode: bool = field(default=False, metadata={
-        "help": "measure only the decode with gradients instead: rid.py's (one activation checkpoint per image) against "
-                "one checkpoint over the batch (the minimal loop's) and none, peak memory and seconds"})
+        "help": "measure only the decode with gradients instead: rid.py's (one activation checkpoint per image) "
+                "against one checkpoint over the batch (the minimal loop's) and none, peak memory and seconds"})
     trl: bool = field(default=False, metadata={
         "help": "also time trl's AlignPropTrainer step on the same model, batch, T, CFG and reward (the public "
                 "reward-backprop trainer; removed in trl 0.24: pip install trl==0.23.1 in its own environment)"})
@@ -478,8 +478,10 @@ def benchmark(opts: BenchmarkArgs) -> dict:
         result = flop_counts(opts)
         print(flop_table(result))
     else:
-        model = "toy world" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights else args.model
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        model = ("toy world" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights
+                 else args.model)
+        where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                 else f"cpu, {torch.get_num_threads()} threads")
         # Memory first: each configuration runs in a fresh process, and would find the GPU memory that this process's
         # caching allocator keeps after the timing runs taken (the timings need no memory of their own).
         memory = peak_memories(opts, ks)

@@ -449,8 +449,8 @@ def check_world_size(processes: int) -> None:
 
 class DropLibraryNoise(logging.Filter):
     """Library warnings that would repeat what warn_long_prompts says once per prompt (diffusers repeats a truncated
-    prompt's tail on every encode). Installed on their loggers when checks.py is imported. (diffusers' "should be kept in
-    float32: []" is avoided at its source instead, in load_pipeline.)"""
+    prompt's tail on every encode). Installed on their loggers when checks.py is imported. (diffusers' "should be kept
+    in float32: []" is avoided at its source instead, in load_pipeline.)"""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(("The following part of your input was truncated",
@@ -507,7 +507,8 @@ def stop_requested(accelerator) -> int | None:
     """The signal that asked to stop, on any process (all processes stop after the same step), or None."""
     signum = STOP_REQUESTS[0] if STOP_REQUESTS else 0
     if accelerator.num_processes > 1:
-        signum = int(accelerator.reduce(torch.tensor([signum], device=accelerator.device), reduction="max"))  # one number
+        # one number for every process
+        signum = int(accelerator.reduce(torch.tensor([signum], device=accelerator.device), reduction="max"))
     return signum or None
 
 

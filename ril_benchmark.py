@@ -211,7 +211,8 @@ def key_arguments(args: dict) -> dict:
     import rid
     real = {f.name for f in dataclasses.fields(rid.Args) if f.type in (float, float | None)}
     # A sweep's weight of 1 is recorded as 1.0 (rid.Args' field is a float): one key for both spellings.
-    key = {k: float(v) if k in real and type(v) is int else v for k, v in args.items() if k not in ("out_dir", "resume")}
+    key = {k: float(v) if k in real and type(v) is int else v
+           for k, v in args.items() if k not in ("out_dir", "resume")}
     if key.get("tiny") and Path(key["model"]).parts[-2:] == ("toy", "pipeline"):
         key["model"] = "toy/pipeline"
     return key

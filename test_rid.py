@@ -217,7 +217,7 @@ def test_folding_restores_the_weights_bit_for_bit_and_changes_nothing_when_disab
     assert {n: p.requires_grad for n, p in unet.named_parameters()} == trainable and unet.active_adapters() == active
 
 
-# ---------------------------------------------------------------------------------------------- RID: EMA and distillation
+# -------------------------------------------------------------------------------------------- RID: EMA and distillation
 
 @pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
 def test_ema_update_is_exact(decay):
@@ -425,7 +425,8 @@ def test_run_writes_its_outputs(run):
     assert json.loads((out / "config.json").read_text())["rewards"] == "aesthetic,hps"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 * args.steps_per_task
-    assert {"reward_mean", "reward_std", "loss", "loss_reward", "loss_out", "loss_feat", "lr", "seconds"} <= set(lines[0])
+    assert {"reward_mean", "reward_std", "loss", "loss_reward", "loss_out", "loss_feat", "lr",
+            "seconds"} <= set(lines[0])
     for task_dir in ("task1_aesthetic", "task2_hps"):
         assert (out / task_dir / "pytorch_lora_weights.safetensors").is_file()
         assert (out / task_dir / runfiles.KOHYA_FILE).is_file()
@@ -453,7 +454,8 @@ def test_saved_loras_reproduce_the_trained_model_and_the_rewards_rise(run):
         rise_aesthetic = (aesthetic(score["task1_aesthetic"], EVAL_PROMPTS) - aesthetic(score["base"], EVAL_PROMPTS))
         rise_hps = (hps(score["task2_hps"], EVAL_PROMPTS) - hps(score["task1_aesthetic"], EVAL_PROMPTS))
     # Margins: under half of the smallest rise measured over seeds 0-4 with the tiny defaults (lr 2e-3) on the toy
-    # world, by this test's protocol: aesthetic, a 0-10 score, 0.285 to 0.457; hps, a preference score, 0.0308 to 0.0536.
+    # world, by this test's protocol: aesthetic, a 0-10 score, 0.285 to 0.457; hps, a preference score, 0.0308 to
+    # 0.0536.
     assert rise_aesthetic.mean() > 0.14, rise_aesthetic
     assert rise_hps.mean() > 0.015, rise_hps
 
@@ -632,7 +634,8 @@ def prepare_bad_inputs(t: Path) -> None:
                                                             .numpy().tobytes())
     (t / "empty_checkpoint" / "checkpoint.pt").write_bytes(b"")
     unet = rid.load_pipeline(tiny_args(), torch.device("cpu")).unet
-    lora = {name: torch.zeros(shape) for name, shape in models.lora_shapes(unet, ["task1"], 2, rid.LORA_TARGETS).items()}
+    shapes = models.lora_shapes(unet, ["task1"], 2, rid.LORA_TARGETS)
+    lora = {name: torch.zeros(shape) for name, shape in shapes.items()}
     torch.save({key: None for key in runfiles.CHECKPOINT_KEYS} | {"task": 1, "step": 2, "adapters": ["task1"],
                                                                   "lora": lora},
                t / "other_rank" / "checkpoint.pt")
@@ -869,7 +872,7 @@ def test_eval_compare_and_bad_inputs_through_the_command_line(evaluated_run, tmp
     assert capsys.readouterr().err.endswith("eval.py: interrupted; the outputs written so far are complete\n")
 
 
-# ---------------------------------------------------------------------------------------------- what a user sees (issue 12)
+# ------------------------------------------------------------------------------------------ what a user sees (issue 12)
 
 @pytest.mark.slow
 def test_tensorboard_holds_every_metrics_line_and_each_sample_grid(evaluated_run):
@@ -1276,7 +1279,8 @@ accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index
 torch.save(first_step_gradient(args, accelerator), f"{args.out_dir}.grad_rank{rank}.pt")
 pipe = rid.main(args)
-torch.save({n: p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in n}, f"{args.out_dir}.lora_rank{rank}.pt")
+torch.save({n: p.detach() for n, p in pipe.unet.named_parameters() if "lora_" in n},
+           f"{args.out_dir}.lora_rank{rank}.pt")
 """
 
 
@@ -1342,7 +1346,8 @@ def test_a_bf16_run_scores_in_fp32_and_trains_fp32_lora(tmp_path, monkeypatch):
         seen.append((torch.is_autocast_enabled("cpu"), images.dtype, rewards.dtype))
         return rewards
     monkeypatch.setattr(rid, "load_reward", patched_rewards(record))
-    pipe = rid.main(tiny_args(SMALL, out_dir=str(tmp_path), rewards="hps", steps_per_task=2, num_steps=4, mixed_precision="bf16"))
+    pipe = rid.main(tiny_args(SMALL, out_dir=str(tmp_path), rewards="hps", steps_per_task=2, num_steps=4,
+                              mixed_precision="bf16"))
     assert seen == [(False, torch.float32, torch.float32)] * 2
     lora = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in lora.values())
@@ -1649,8 +1654,8 @@ def test_the_base_toy_model_draws_its_prompts():
 def test_pretraining_runs_end_to_end_and_writes_what_the_real_loaders_read(tmp_path, monkeypatch):
     """pretrain_toy.py's one command at a few steps: both halves in their own processes, then the fidelity check; every
     file it writes is read back by rid.py's and rewards.py's loaders."""
-    args = pretrain_toy.PretrainArgs(out=str(tmp_path), vae_steps=2, unet_steps=2, tower_steps=2, judge_steps=2, bank=256,
-                                 eval_every=1, guidance_scales="3", fidelity_prompts=4)
+    args = pretrain_toy.PretrainArgs(out=str(tmp_path), vae_steps=2, unet_steps=2, tower_steps=2, judge_steps=2,
+                                     bank=256, eval_every=1, guidance_scales="3", fidelity_prompts=4)
     report = pretrain_toy.pretrain(args)
     assert set(report["fidelity"]) == {"3.0"} and report["guidance_scale"] == 3.0
     assert json.loads((tmp_path / pretrain_toy.REPORT).read_text())["runs"][-1]["args"]["unet_steps"] == 2
@@ -2472,8 +2477,8 @@ def test_prompts_end_at_newlines_only_must_show_a_character_and_many_long_ones_a
     tokenizer = rid.load_pipeline(tiny_args(), torch.device("cpu")).tokenizer
     capfd.readouterr()
     checks.warn_long_prompts(tokenizer, ["a cat"] + [f"prompt {i} " * 20 for i in range(1000)])
-    assert capfd.readouterr().err == ("warning: 1000 prompts are too long; the first, 'prompt 0 prompt 0 prompt 0 prompt "
-                                      "0 prom...', has 42 tokens; the text encoder reads the first 16\n")
+    assert capfd.readouterr().err == ("warning: 1000 prompts are too long; the first, 'prompt 0 prompt 0 prompt 0 "
+                                      "prompt 0 prom...', has 42 tokens; the text encoder reads the first 16\n")
 
 
 def test_compare_refuses_a_run_given_twice_and_runs_evaluated_on_other_rewards_or_prompts(tmp_path):
@@ -2552,8 +2557,9 @@ def test_eval_reads_the_judge_before_generating(damaged_toy, tmp_path, capsys, m
     damaged_toy({"judge.safetensors": b"garbled"})
     monkeypatch.setattr(evaluation, "generate_rows", lambda *args: pytest.fail("generated"))
     assert evaluation.cli([str(lora_run(tmp_path))]) == 2
-    assert capsys.readouterr().err.endswith(f"eval.py: error: cannot load the toy model {tmp_path}/toy/judge.safetensors "
-                                            f"(Error while deserializing header: header too small); {rewards.TOY_HINT}\n")
+    judge = tmp_path / "toy" / "judge.safetensors"
+    assert capsys.readouterr().err.endswith(f"eval.py: error: cannot load the toy model {judge} (Error while "
+                                            f"deserializing header: header too small); {rewards.TOY_HINT}\n")
 
 
 def test_resume_refuses_base_weights_that_changed_at_the_same_path(tmp_path, monkeypatch, capsys):
