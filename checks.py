@@ -395,12 +395,17 @@ def choose_threads() -> str:
     another busy process wait for each other at every parallel region: a tiny run with two threads on two cores, one
     of them busy, ran 7x slower than with one (docs/performance.md)."""
     if os.environ.get("OMP_NUM_THREADS"):
-        return f"{torch.get_num_threads()} CPU threads (OMP_NUM_THREADS)"
+        return f"{threads()} (OMP_NUM_THREADS)"
     usable = set(psutil.Process().cpu_affinity())
     busy = psutil.cpu_percent(interval=0.2, percpu=True)
     free = sum(1 for cpu, load in enumerate(busy) if cpu in usable and load < 50)
     torch.set_num_threads(max(1, free))
-    return f"{torch.get_num_threads()} CPU threads ({free} of {len(usable)} cores free; OMP_NUM_THREADS overrides)"
+    return f"{threads()} ({free} of {len(usable)} cores free; OMP_NUM_THREADS overrides)"
+
+
+def threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} CPU thread{'s' if n > 1 else ''}"
 
 
 def is_finite(*values: float) -> bool:
