@@ -481,7 +481,7 @@ def benchmark(opts: BenchmarkArgs) -> dict:
         model = ("toy world" if opts.tiny else "SD1.5 architecture, random weights" if opts.random_weights
                  else args.model)
         where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                 else f"cpu, {torch.get_num_threads()} threads")
+                 else f"cpu, {checks.threads()}")
         # Memory first: each configuration runs in a fresh process, and would find the GPU memory that this process's
         # caching allocator keeps after the timing runs taken (the timings need no memory of their own).
         memory = peak_memories(opts, ks)
