@@ -77,9 +77,9 @@ METHODS = {
                        + [dict(RID, **both(1), lr=lr) for lr in (2e-3, 5e-3, 2e-2)],
                        "long": [dict(RID, **both(w), lr=1e-2) for w in (0.3, 1, 3, 10)]
                        + [dict(RID, **both(w), lr=2e-3) for w in (1, 3)]}),
-    "RID parts": ("part", {"short": [dict(RID, lambda_out=1.0, lambda_feat=0.0, lr=1e-2),
-                                     dict(RID, lambda_out=0.0, lambda_feat=1.0, lr=1e-2),
-                                     *[dict(RID, **both(1), ema_decay=mu, lr=1e-2) for mu in (0.8, 0.97, 1.0)]]}),
+    "RID parts": ("part", {"short": [part for lr in (1e-2, 2e-3) for part in (
+        dict(RID, lambda_out=1.0, lambda_feat=0.0, lr=lr), dict(RID, lambda_out=0.0, lambda_feat=1.0, lr=lr),
+        *[dict(RID, **both(1), ema_decay=mu, lr=lr) for mu in (0.8, 0.97, 1.0)])]}),
     "C-LoRA": ("baseline:weight", {
         "short": [dict(CLORA, baseline=f"clora weight={w:g}", lr=lr) for w, lr in ((0.1, 1e-2), (1, 1e-2), (10, 1e-2),
                                                                                 (100, 1e-2), (10, 5e-3), (10, 2e-3))],

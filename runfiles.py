@@ -76,15 +76,18 @@ def read_config(path: Path, cls) -> dict:
 
 def check_resume_config(args, out: Path) -> None:
     """--resume continues a run only with the configuration it was started with (up to RESUME_MAY_DIFFER), and on the
-    base weights it was started on (a local --model's fingerprint, where config.json holds one)."""
+    base weights it was started on (a local --model's fingerprint, where config.json holds one: the same weights found
+    at another path, as in a moved checkout, are the same model)."""
     saved, now = read_config(out / "config.json", type(args)), dataclasses.asdict(args)
+    recorded, found = config_field(out, BASE_FINGERPRINT), base_fingerprint(args)
+    if recorded is not None and recorded == found:  # the same base weights at another path: a moved checkout or copy
+        saved["model"] = now["model"]
     differing = [key for key in sorted(saved.keys() | now.keys())
                  if key not in RESUME_MAY_DIFFER and saved.get(key) != now.get(key)]
     if differing:
         changes = ", ".join(f"{flag(key)} ({saved.get(key)!r} -> {now.get(key)!r})" for key in differing)
         raise UsageError(f"--resume: the run in {out} was started with another configuration: {changes}; rerun with "
                          "its flags (see config.json) or choose another --out-dir")
-    recorded, found = config_field(out, BASE_FINGERPRINT), base_fingerprint(args)
     if recorded is not None and recorded != found:
         raise UsageError(f"--resume: the base model at {args.model} changed since the run in {out} started (its files' "
                          f"fingerprint {recorded} -> {found}); the LoRA fits the old weights: restore them, or start a "

@@ -2562,6 +2562,20 @@ def test_eval_reads_the_judge_before_generating(damaged_toy, tmp_path, capsys, m
                                             f"deserializing header: header too small); {rewards.TOY_HINT}\n")
 
 
+def test_a_moved_checkout_resumes_its_toy_run(tmp_path, monkeypatch):
+    """Before: config.json's absolute --model path of the toy pipeline made --resume in a moved checkout refuse the run
+    ("started with another configuration: --model"). The same weights at another path are the same model."""
+    old = damaged_copy(tmp_path / "checkout", {})
+    out = tmp_path / "run"
+    flags = [*tiny_flags(SMALL, rewards="compressibility"), "--out-dir", str(out)]
+    monkeypatch.setattr(rid, "train_step", aborted_in_step(3))
+    assert rid.cli([*flags, "--model", str(old)]) == 130
+    monkeypatch.undo()
+    moved = tmp_path / "moved"
+    (tmp_path / "checkout").rename(moved)
+    assert rid.cli([*flags, "--model", str(moved / "pipeline"), "--resume"]) == 0
+
+
 def test_resume_refuses_base_weights_that_changed_at_the_same_path(tmp_path, monkeypatch, capsys):
     """Before: --resume after the base model's weights changed at the same --model path continued silently."""
     pipeline = damaged_copy(tmp_path, {})
