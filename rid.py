@@ -112,7 +112,7 @@ class Args:
 
 MODE_DEFAULTS = {
     # ema_decay: the teacher's horizon 1/(1-mu) at half a task, as the toy world's 0.9 is for its 20 steps
-    # (docs/ril-benchmark.md: a horizon of a quarter task forgot more, half to 1.6 tasks did alike).
+    # (docs/ril-benchmark.md: at tiny's lr, mu from 0.8 to 1 did alike within noise).
     "full": dict(model=SD15, steps_per_task=500, num_steps=50, batch_size=4, resolution=512, lr=4e-4, reward_scale=1.0,
                  ema_decay=0.996),
     # The toy world's pretrained models (docs/toy-world.md: how each value was chosen; lr: RID's best on the RIL
