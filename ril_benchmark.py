@@ -769,10 +769,13 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(front)
 
 
+FRONTIER_TICKS = (-1, -0.5, -0.2, 0, 0.1, 0.2, 0.5, 1, 2, 5)
+
+
 def frontier_plot(result: dict):
     """Per budget, every setting of every method on validation: plasticity against forgetting (means over seeds; their
     intervals are in ril.md), each method's frontier (pareto) as a line; the settings chosen for the test rows
-    enlarged and labelled. Lower right is better: more learned, less forgotten."""
+    enlarged and labelled. Lower right is better: more learned, less forgotten. Both axes symmetric-log."""
     from matplotlib.figure import Figure
     budgets = result["budgets"]
     fig = Figure(figsize=(10 * len(budgets), 6.5), dpi=110, layout="tight")
@@ -795,8 +798,14 @@ def frontier_plot(result: dict):
         ax.axvline(b["target plasticity (validation)"], color="black", linestyle=":", linewidth=1,
                    label="matched plasticity (plain's best)")
         ax.set(xlabel="plasticity: own-task gain over the model before the task (base std)",
-               ylabel="forgetting: mean drop of earlier rewards (base std)", ylim=(-0.5, 5.5),
+               ylabel="forgetting: mean drop of earlier rewards (base std)",
                title=f"{budget} steps per task, validation captions (numbered: chosen for the test rows)")
+        # symmetric-log axes: the settings that keep the pictures crowd near (0.5, 0) on linear ones
+        ax.set_xscale("symlog", linthresh=0.2)
+        ax.set_yscale("symlog", linthresh=0.2)
+        ax.set_xticks(FRONTIER_TICKS, [f"{t:g}" for t in FRONTIER_TICKS])
+        ax.set_yticks(FRONTIER_TICKS, [f"{t:g}" for t in FRONTIER_TICKS])
+        ax.autoscale()
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
     return fig
