@@ -82,6 +82,30 @@ def pipeline_download(model: str) -> str:
 WEIGHT_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def tf32_flags(enabled: bool) -> list[tuple[object, str, object]]:
+    """(object, attribute, value) that turn TF32 on or off in cuBLAS matmuls and cuDNN convolutions: torch >= 2.9's
+    fp32_precision API, or the allow_tf32 flags of torch 2.6-2.8, where setting fp32_precision raises
+    AttributeError."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
+        precision = "tf32" if enabled else "ieee"
+        return [(matmul, "fp32_precision", precision), (cudnn.conv, "fp32_precision", precision)]
+    return [(matmul, "allow_tf32", enabled), (cudnn, "allow_tf32", enabled)]
+
+
+@contextlib.contextmanager
+def backend_flags(flags: list[tuple[object, str, object]]):
+    """Set the flags inside the block, and put back what they were."""
+    saved = [getattr(obj, name) for obj, name, _ in flags]
+    for obj, name, value in flags:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for (obj, name, _), value in zip(flags, saved):
+            setattr(obj, name, value)
+
+
 def restore_hint(model: str) -> str:
     """How to get back a damaged or incomplete pipeline: the toy world's from git or pretrain_toy.py, a local
     directory from wherever it was saved, a hub id's cache by downloading it again."""

@@ -148,7 +148,8 @@ from torch.func import functional_call  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from checks import check_args, check_model_args, choose_threads, exit_status, is_finite, read_prompts  # noqa: E402
-from models import WEIGHT_DTYPES, adapters_disabled, adapters_folded, load_pipeline, scorer_on  # noqa: E402
+from models import (WEIGHT_DTYPES, adapters_disabled, adapters_folded, backend_flags, load_pipeline,  # noqa: E402
+                    scorer_on, tf32_flags)
 from session import Run, average_gradients, step_metrics, variance_noise  # noqa: E402
 from runfiles import reward_names  # noqa: E402
 from rewards import RewardSum, load_reward  # noqa: E402
@@ -171,38 +172,10 @@ def low_precision(args: Args, device: torch.device):
         yield
 
 
-def tf32_flags(enabled: bool) -> list[tuple[object, str, object]]:
-    """(object, attribute, value) that turn TF32 on or off in cuBLAS matmuls and cuDNN convolutions: torch >= 2.9's
-    fp32_precision API, or the allow_tf32 flags of torch 2.6-2.8, where setting fp32_precision raises
-    AttributeError."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision") and hasattr(cudnn, "conv"):
-        precision = "tf32" if enabled else "ieee"
-        return [(matmul, "fp32_precision", precision), (cudnn.conv, "fp32_precision", precision)]
-    return [(matmul, "allow_tf32", enabled), (cudnn, "allow_tf32", enabled)]
-
-
-def ieee_flags() -> list[tuple[object, str, object]]:
-    return tf32_flags(False)
-
-
-@contextlib.contextmanager
-def backend_flags(flags: list[tuple[object, str, object]]):
-    """Set the flags inside the block, and put back what they were."""
-    saved = [getattr(obj, name) for obj, name, _ in flags]
-    for obj, name, value in flags:
-        setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        for (obj, name, _), value in zip(flags, saved):
-            setattr(obj, name, value)
-
-
 @contextlib.contextmanager
 def full_precision(device: torch.device):
-    """IEEE fp32: autocast off, and no TF32 (ieee_flags)."""
-    with backend_flags(ieee_flags()), torch.autocast(device.type, enabled=False):
+    """IEEE fp32: autocast off, and no TF32."""
+    with backend_flags(tf32_flags(False)), torch.autocast(device.type, enabled=False):
         yield
 
 
@@ -331,7 +304,7 @@ def decode_with_grad(vae: AutoencoderKL, latents: torch.Tensor, checkpointing: b
     that it computes what the forward did."""
     if not checkpointing:
         return decode(vae, latents)
-    as_forward = [(obj, name, getattr(obj, name)) for obj, name, _ in ieee_flags()]
+    as_forward = [(obj, name, getattr(obj, name)) for obj, name, _ in tf32_flags(False)]
 
     def one(z):
         with backend_flags(as_forward):

@@ -1893,7 +1893,7 @@ def test_the_decode_is_checkpointed_one_image_at_a_time_and_recomputed_at_the_fo
     monkeypatch.setattr(rid, "checkpoint", lambda *a, **kw: calls.append(None) or checkpoint(*a, **kw))
     monkeypatch.setattr(rid, "decode", lambda vae, x: flags.append(torch.backends.cudnn.conv.fp32_precision)
                         or decode(vae, x))
-    with rid.backend_flags(rid.tf32_flags(True)):
+    with models.backend_flags(models.tf32_flags(True)):
         images = rid.decode_with_grad(pipe.vae, z, checkpointing=True)
     with rid.full_precision(torch.device("cpu")):
         (per_image,) = torch.autograd.grad((images * weights).sum(), z)
