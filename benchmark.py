@@ -117,6 +117,19 @@ def bench_setup(opts: BenchmarkArgs, device: torch.device, tasks: int = 1):
     return pipe, params, bench_scorer(opts, device), optimizer
 
 
+@contextlib.contextmanager
+def distilled_at(step: int | None):
+    """RID's distilled state forced to DDIM step `step` inside the block (None: drawn, as in training). RID draws one
+    of the K gradient steps per batch, and the first costs one student call less than the others: a median over a
+    few rounds would report whichever the rounds drew, so the benchmark times both and weighs them as the draw does."""
+    drawn = rid.draw_distill_step
+    rid.draw_distill_step = drawn if step is None else lambda *_: step
+    try:
+        yield
+    finally:
+        rid.draw_distill_step = drawn
+
+
 def optimizer_step(pipe, scorer, params, teacher, optimizer, args: rid.Args, generator) -> None:
     """One optimizer step as rid.train_task takes it: train_step (sample with gradients through the last K steps,
     score, backward), then rid.optimizer_update (gradient clipping, AdamW, and for RID the EMA teacher update)."""
@@ -209,7 +222,12 @@ def step_times(opts: BenchmarkArgs, ks: list[int], device: torch.device) -> dict
             args = bench_args(opts, method, k)
             teacher = rid.new_teacher(params, args)
             step = (pipe, scorer, params, teacher, optimizer, args, torch.Generator().manual_seed(0))
-            jobs[f"{method} K={k}"] = lambda step=step: optimizer_step(*step)
+            if method == "rid" and k > 1:  # the distilled state: the first gradient step's (free) and a later one
+                at = {"first": args.num_steps - k, "later": args.num_steps - 1}
+                for state in at:
+                    jobs[f"rid K={k} {state} state"] = lambda step=step, at=at[state]: distilled(at, step)
+            else:
+                jobs[f"{method} K={k}"] = lambda step=step: optimizer_step(*step)
         if opts.mixed_precision == "no":  # the minimal loop has no precision policy: compared in fp32 only
             minimal = (pipe, scorer, params, optimizer, bench_args(opts, "plain", k), torch.Generator().manual_seed(0))
             jobs[f"minimal K={k}"] = lambda minimal=minimal: minimal_step(*minimal)
@@ -229,7 +247,17 @@ def step_times(opts: BenchmarkArgs, ks: list[int], device: torch.device) -> dict
             elapsed = synchronized_seconds(job, device)
             if round_ > 0:  # round 0 warms up: first-call allocations, kernel selection, caches
                 seconds[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    for k in ks:  # RID's expected step over the uniform draw of the distilled state among the K gradient steps
+        if k > 1:
+            medians[f"rid K={k}"] = (medians.pop(f"rid K={k} first state") + (k - 1) * medians.pop(f"rid K={k} later "
+                                                                                                   "state")) / k
+    return medians
+
+
+def distilled(at: int, step: tuple) -> None:
+    with distilled_at(at):
+        optimizer_step(*step)
 
 
 def resident_kib(field: str) -> int:
@@ -268,13 +296,14 @@ def peak_above_baseline(step, device: torch.device) -> int | None:
 
 def peak_training_memory(opts: BenchmarkArgs, k: int, checkpointing: bool) -> int | None:
     """Peak memory in bytes of one RID optimizer step above what is held before it (the weights, LoRA, teacher and
-    AdamW state), i.e. what training at this K adds (peak_above_baseline)."""
+    AdamW state), i.e. what training at this K adds (peak_above_baseline), with the distilled state at the last
+    gradient step: the most a step holds (one more student call there when K > 1)."""
     device = checks.check_device(opts.device)
     pipe, params, scorer, optimizer = bench_setup(opts, device)
     args = bench_args(opts, "rid", k, checkpointing)
     teacher, generator = rid.new_teacher(params, args), torch.Generator().manual_seed(0)
-    return peak_above_baseline(lambda: optimizer_step(pipe, scorer, params, teacher, optimizer, args, generator),
-                               device)
+    step = (pipe, scorer, params, teacher, optimizer, args, generator)
+    return peak_above_baseline(lambda: distilled(args.num_steps - 1, step), device)
 
 
 @contextlib.contextmanager
@@ -432,7 +461,9 @@ def flop_counts(opts: BenchmarkArgs) -> dict:
     parts = {  # (conv, matmul) x count, and the precision it runs in
         "UNet, T-K steps without gradients": (unet, t - k, "TF32 / low dtype"),
         "UNet, K gradient steps (forward, recompute, backward)": (unet, 4 * k, "IEEE fp32"),
-        "UNet, RID's teacher": (unet, k, "IEEE fp32"),
+        "UNet, RID's teacher (at the one state drawn per batch)": (unet, 1, "IEEE fp32"),
+        # the drawn state is a later gradient step's in (K-1)/K of the batches: the student runs once more there
+        "UNet, RID's student at that state (forward, recompute, backward)": (unet, 4 * (k - 1) / k, "IEEE fp32"),
         "VAE decode (forward and recompute)": (decode, 2 * b, "TF32 / low dtype"),
         "VAE decode backward": (decode, 2 * b, "IEEE fp32" if args.mixed_precision == "no" else "low dtype"),
         "reward (forward and backward)": (reward, 3, "IEEE fp32"),

@@ -7,12 +7,13 @@ that the model keeps what earlier tasks taught it and its visual structure:
     L = L_reward + lambda_out * L_out + lambda_feat * L_feat                                       (train_step)
     L_reward = -(s / sigma_n) * mean_b r_n(x_0^b, c^b)   x_0 = decode(DDIM(x_T, c)), grads only in the last K steps;
                sigma_n = the reward's spread at the task's start                                 (reward_spread)
-    L_out    = mean_k || eps_S(sg(x_k), t_k, c) - eps_T(sg(x_k), t_k, c) ||^2                           (distil)
-    L_feat   = mean_k mean_l mean_b || h_S^l,b(sg(x_k), ...) - h_T^l,b(...) ||^2 / Var(h_T^l,b)     (scale_free_mse)
+    L_out    = E_k || eps_S(sg(x_k), t_k, c) - eps_T(sg(x_k), t_k, c) ||^2                              (distil)
+    L_feat   = E_k mean_l mean_b || h_S^l,b(sg(x_k), ...) - h_T^l,b(...) ||^2 / Var(h_T^l,b)        (scale_free_mse)
     theta_T <- mu * theta_T + (1 - mu) * theta_S            after every optimizer step (ema_update)
 
-The distillation terms are a regression at the states x_k the sampler visits, taken as data (sg: stop-gradient):
-the K gradient steps' inputs, or with --distill-at trajectory one step drawn per batch from the whole DDIM chain.
+The distillation terms are a regression at the states x_k the sampler visits, taken as data (sg: stop-gradient),
+k drawn once per batch (draw_distill_step): uniformly from the K gradient steps' inputs (an unbiased estimate of
+their mean at the cost of one state), or with --distill-at trajectory from the whole DDIM chain.
 
 Each task trains a fresh LoRA adapter while earlier ones stay active and frozen (the adapter group); the teacher
 runs on the student's own UNet with its LoRA tensors swapped in (torch.func.functional_call), so it costs one copy
@@ -63,8 +64,8 @@ class Args:
         "task-start-std", "sigma in L_reward: the reward's standard deviation over 16 pictures of the model at the "
         "task's start (so that the distillation weights mean the same for every reward), or 1")
     distill_at: Literal["gradient-steps", "trajectory"] = option(
-        "gradient-steps", "where the teacher is compared: at the K gradient steps, or at one step drawn per batch "
-        "from the whole DDIM chain (its no-grad state, detached: one more student call with gradients)")
+        "gradient-steps", "where the teacher is compared, at one state drawn per batch: one of the K gradient steps, "
+        "or one step of the whole DDIM chain (its no-grad state, detached: one more student call with gradients)")
     baseline: str = option("", "a comparison method from another paper, by name and settings, e.g. 'clora weight=1' "
                            "(baselines.py: clora, replay, progressive, inflora); empty: RID, or plain fine-tuning")
     lora_rank: int = option(4, "LoRA rank r of each adapter (alpha = r)")
@@ -252,40 +253,35 @@ def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generato
     """DDIM from x_T (B,4,h,w) to x_0 latents. Steps 1..T-k run under no_grad in --mixed-precision's dtype with the
     LoRA folded into the weights (the fast path: they are most UNet calls and need no graph), the last k with
     gradients in fp32, each UNet call in activation checkpointing (unless --no-checkpointing). With a teacher
-    (name -> LoRA tensor), also returns the distillation terms (distil): at the k gradient steps, or, with
-    distill_step (--distill-at trajectory), at that one step of the whole chain. `generator` and `process`
-    (index, count) give the noise for --eta > 0. Returns x_0 and the loss terms {"loss_out", "loss_feat", ...}."""
+    (name -> LoRA tensor), also returns the distillation terms (distil) at the state of DDIM step `distill_step`
+    (an index into the T timesteps, draw_distill_step). `generator` and `process` (index, count) give the noise for
+    --eta > 0. Returns x_0 and the loss terms {"loss_out", "loss_feat", ...}."""
     timesteps = pipe.scheduler.timesteps
     split = len(timesteps) - k
-    visited = None  # (x_t, t) of the trajectory step that is distilled
+    visited = None  # (x_t, t) of the distilled step
     with torch.no_grad(), adapters_folded(pipe.unet), low_precision(args, x.device):  # fold first, in fp32
         for i, t in enumerate(timesteps[:split]):
             visited = (x, t) if i == distill_step else visited
             eps, _ = unet_eps(pipe.unet, pipe.scheduler.scale_model_input(x, t), t, text_emb)
             x = ddim_step(pipe, eps, t, x, args, generator, process)
     layers = args.feat_layers.split(",") if args.lambda_feat > 0 else ()
-    states, first_call = [], None  # the gradient steps' inputs (x_in, t), for distillation at the gradient steps
+    first_call = None  # the student's call at the first gradient step, when that step is the one distilled
     for i, t in enumerate(timesteps[split:], start=split):
-        x_in = pipe.scheduler.scale_model_input(x, t)
         visited = (x, t) if i == distill_step else visited
         # The first gradient step's input carries no graph (it comes from the no_grad chain), so its own call serves
         # distillation too; later steps' inputs depend on theta, and distil() calls the student again, detached.
-        reuse = teacher is not None and distill_step is None and not x_in.requires_grad
+        reuse = teacher is not None and i == distill_step == split
         with full_precision(x.device):
-            eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb,
-                                      layers if reuse else ())
-        if teacher is not None and distill_step is None:
-            states.append((x_in, t))
-            first_call = (eps, feats) if reuse else first_call
+            eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, pipe.scheduler.scale_model_input(x, t),
+                                      t, text_emb, layers if reuse else ())
+        first_call = (eps, feats) if reuse else first_call
         x = ddim_step(pipe, eps, t, x, args, generator, process)
-    if teacher is not None and visited is not None:
-        x_t, t = visited
-        states = [(pipe.scheduler.scale_model_input(x_t, t), t)]
-    if not states:
+    if teacher is None or visited is None:
         return x, {"loss_out": x.new_zeros(()), "loss_feat": x.new_zeros(())}
+    x_t, t = visited
     with full_precision(x.device):
-        losses = distil(pipe.unet, states, text_emb, layers, teacher, args, first_call)
-    return x, {name: torch.stack([terms[name] for terms in losses]).mean() for name in losses[0]}
+        return x, distil(pipe.unet, pipe.scheduler.scale_model_input(x_t, t), t, text_emb, layers, teacher, args,
+                         first_call)
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
@@ -384,43 +380,17 @@ def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------------
 # Distillation: the student against the EMA teacher at visited states of the sampling chain.
 
-def distil(unet, states, text_emb, layers, teacher, args: Args, first_call=None) -> list[dict]:
-    """The distillation terms at visited states [(x_in (B,4,h,w), t), ...], each taken as data (detached): the
-    student's outputs there against the teacher's, which runs on the same UNet with its LoRA tensors swapped in,
-    without gradients. So the gradient is that of a regression at the states the sampler visits, whatever K is.
-    `first_call` = (eps, feats): the student's call that already saw exactly the first state (the first gradient
-    step's own). The other states go to the student in one checkpointed call, and all of them to the teacher in
-    one: K-1 and K states batched, so that K > 1 costs two UNet calls more, not 2K - 1 (the same terms, state by
-    state). Returns each state's terms."""
-    states = [(x_in.detach(), t) for x_in, t in states]
-    students = [first_call] if first_call is not None else []
-    rest = states[len(students):]
-    if rest:
-        students += split_states(*checkpointed(args.checkpointing, unet_eps, unet, *stack_states(rest, text_emb),
-                                               layers), len(rest))
+def distil(unet, x_in, t, text_emb, layers, teacher, args: Args, first_call=None) -> dict:
+    """The distillation terms at one visited state x_in (B,4,h,w), taken as data (detached): the student's outputs
+    there against the teacher's, which runs on the same UNet with its LoRA tensors swapped in, without gradients. So
+    the gradient is that of a regression at the states the sampler visits, whatever K is. `first_call` = (eps, feats):
+    the student's call that already saw exactly this state (the first gradient step's own); otherwise the student
+    runs once more, checkpointed like the gradient steps."""
+    x_in = x_in.detach()
+    student = first_call or checkpointed(args.checkpointing, unet_eps, unet, x_in, t, text_emb, layers)
     with torch.no_grad():
-        teachers = split_states(*unet_eps(unet, *stack_states(states, text_emb), layers, params=teacher), len(states))
-    return [distillation_losses(*student, *teachers_k, layers) for student, teachers_k in zip(students, teachers)]
-
-
-def stack_states(states, text_emb):
-    """n states [(x (B,4,h,w), t)] as one UNet call's inputs: x (nB,4,h,w), a timestep per CFG sample (2nB,) and
-    text (2nB,77,D), ordered [uncond of each state; cond of each state] as unet_eps concatenates [x; x]."""
-    x = torch.cat([x for x, _ in states])
-    b = states[0][0].shape[0]
-    t = torch.cat([torch.as_tensor(t, device=x.device).expand(b) for _, t in states])
-    uncond, cond = text_emb.chunk(2)
-    return x, torch.cat([t, t]), torch.cat([uncond.repeat(len(states), 1, 1), cond.repeat(len(states), 1, 1)])
-
-
-def split_states(eps, feats, n):
-    """One call's outputs on n stacked states -> [(eps (2B,...), feats) per state], each [uncond; cond] as a call on
-    that state alone returns them."""
-    def per_state(h):
-        parts = h.view(2, n, -1, *h.shape[1:])                                   # (2, n, B, ...)
-        return [torch.cat([parts[0, k], parts[1, k]]) for k in range(n)]
-    eps_k, feats_k = per_state(eps), [per_state(h) for h in feats]
-    return [(eps_k[k], [f[k] for f in feats_k]) for k in range(n)]
+        teacher_call = unet_eps(unet, x_in, t, text_emb, layers, params=teacher)
+    return distillation_losses(*student, *teacher_call, layers)
 
 
 def distillation_losses(eps, feats, eps_teacher, feats_teacher, layers=()) -> dict:
@@ -458,12 +428,15 @@ def draw_batch(pipe, prompts: list[str], args: Args, generator: torch.Generator,
     return [prompts[i] for i in ids[mine]], x_T[mine], k
 
 
-def draw_distill_step(pipe, args: Args, generator: torch.Generator) -> int | None:
-    """--distill-at trajectory: the index of the one DDIM step (of T, uniformly) where the teacher is compared this
-    batch, so that the steps which set an image's structure are distilled too; None: at the K gradient steps."""
-    if args.distill_at == "gradient-steps":
-        return None
-    return int(torch.randint(len(pipe.scheduler.timesteps), (), generator=generator))
+def draw_distill_step(pipe, args: Args, k: int, generator: torch.Generator) -> int:
+    """The index (of the T DDIM steps) of the one state where the teacher is compared this batch: one of the K
+    gradient steps, drawn uniformly, so that the term is an unbiased estimate of the mean over the K states at the
+    cost of one state (at most one more student call, none when the first gradient step is drawn); or, with
+    --distill-at trajectory, one of all T steps, so that the steps which set an image's structure are distilled too.
+    With K = 1 at the gradient steps nothing is drawn: the run's random stream is as it always was."""
+    steps = len(pipe.scheduler.timesteps)
+    first = steps - k if args.distill_at == "gradient-steps" else 0
+    return first if first == steps - 1 else int(torch.randint(first, steps, (), generator=generator))
 
 
 def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Generator, accelerator=None,
@@ -476,8 +449,8 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
     process = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     batch, x_T, k = draw_batch(pipe, prompts, args, generator, process)
     k = method.k(k, step, args) if method is not None else k
-    step = draw_distill_step(pipe, args, generator) if teacher is not None else None
-    x0, terms = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator, process, step)
+    at = draw_distill_step(pipe, args, k, generator) if teacher is not None else None
+    x0, terms = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator, process, at)
     images = decode_with_grad(pipe.vae, x0, args.checkpointing)                           # (B, 3, H, W)
     rewards = score(scorer, images, batch)                                                # (B,)
     terms["loss_reward"] = -args.reward_scale * rewards.mean()

@@ -101,8 +101,8 @@ def tiny_setup(steps=4, dtype=torch.float32, **overrides):
     return args, pipe, params, prompts, latents
 
 
-def reward_loss(pipe, args, prompts, latents, scorer, k, teacher=None):
-    x0, terms = rid.sample_latents(pipe, latents, rid.encode_prompts(pipe, prompts), args, k, teacher)
+def reward_loss(pipe, args, prompts, latents, scorer, k):
+    x0, terms = rid.sample_latents(pipe, latents, rid.encode_prompts(pipe, prompts), args, k)
     return -scorer(rid.decode(pipe.vae, x0), prompts).mean(), terms["loss_out"], terms["loss_feat"]
 
 
@@ -244,14 +244,15 @@ def test_distillation_is_zero_for_an_identical_teacher_and_positive_after_an_upd
     assert all(t.grad is None for t in teacher.values())
 
 
-def test_feature_distillation_gradients_survive_checkpoint_recomputation(monkeypatch):
+@pytest.mark.parametrize("at", [1, 2])  # K = 2 of T = 3: the first gradient step's own call, the second's extra one
+def test_feature_distillation_gradients_survive_checkpoint_recomputation(monkeypatch, at):
     args, pipe, params, prompts, latents = tiny_setup(steps=3)
     teacher = {n: p.detach() + 0.05 for n, p in params.items()}
     emb = rid.encode_prompts(pipe, prompts)
-    _, terms = rid.sample_latents(pipe, latents, emb, args, 2, teacher)
+    _, terms = rid.sample_latents(pipe, latents, emb, args, 2, teacher, distill_step=at)
     checkpointed = grads(params, terms["loss_out"] + terms["loss_feat"])
     monkeypatch.setattr(rid, "checkpoint", lambda fn, *a, use_reentrant: fn(*a))
-    _, plain = rid.sample_latents(pipe, latents, emb, args, 2, teacher)
+    _, plain = rid.sample_latents(pipe, latents, emb, args, 2, teacher, distill_step=at)
     for g, g_ref in zip(checkpointed, grads(params, plain["loss_out"] + plain["loss_feat"])):
         torch.testing.assert_close(g, g_ref)
     assert terms["loss_feat"] > 0 and sum(g.abs().sum() for g in checkpointed) > 0
@@ -1366,7 +1367,8 @@ def test_bf16_distillation_measures_the_weight_difference_as_fp32_does():
         with seeded(5):
             teacher = {n: p.detach() * (1 + 1e-3 * torch.randn_like(p)) if "lora_B" in n else p.detach().clone()
                        for n, p in params.items()}
-        _, terms = rid.sample_latents(pipe, latents, rid.encode_prompts(pipe, prompts), args, 2, teacher)
+        _, terms = rid.sample_latents(pipe, latents, rid.encode_prompts(pipe, prompts), args, 2, teacher,
+                                      distill_step=3)  # the second gradient step: its input carries the K steps' graph
         l_out = terms["loss_out"]
         results[precision] = l_out.item(), torch.cat([g.flatten() for g in grads(params, l_out)])
     (fp32, g_fp32), (bf16, g_bf16) = results["no"], results["bf16"]
@@ -1490,6 +1492,7 @@ def test_checkpointing_off_gives_the_same_step_without_checkpoint_calls(monkeypa
     checkpoint = rid.checkpoint
     monkeypatch.setattr(rid, "checkpoint", lambda *a, **kw: calls.append(None) or checkpoint(*a, **kw))
     scorer = load_reward("aesthetic", "cpu", tiny=True)
+    monkeypatch.setattr(rid, "draw_distill_step", lambda pipe, args, k, generator: 2)  # the second of K = 2 of T = 3
     steps = {}
     for checkpointing in (True, False):
         args, pipe, params, prompts, _ = tiny_setup(steps=3, k=2, checkpointing=checkpointing)
@@ -1673,45 +1676,63 @@ def test_pretraining_runs_end_to_end_and_writes_what_the_real_loaders_read(tmp_p
 
 # --------------------------------------------------------------------------------------------- distillation (issue 19)
 
-def test_distillation_gradient_is_the_gradient_of_a_regression_at_the_visited_states(monkeypatch):
+@pytest.mark.parametrize("at", [1, 2, 3])  # K = 3 of T = 4: the first gradient step, and the two after it
+def test_distillation_gradient_is_the_gradient_of_a_regression_at_the_visited_state(monkeypatch, at):
     """With K = 3 the inputs of gradient steps 2 and 3 depend on theta. The stated objective (rid.distil) is a
-    regression at the states the sampler visits, taken as data: L(theta) = mean_k L_out(theta; x_k) + L_feat(theta;
-    x_k) with x_k fixed. Its gradient, by central differences in float64, equals the autograd gradient."""
+    regression at the state the sampler visits, taken as data: L(theta) = L_out(theta; x_k) + L_feat(theta; x_k) with
+    x_k fixed. Its gradient, by central differences in float64, equals the autograd gradient, at each of the K."""
     args, pipe, params, prompts, latents = tiny_setup(steps=4, dtype=torch.float64, lambda_feat=1.0)
     with seeded(2):
         teacher = {n: p.detach() + 1e-2 * torch.randn_like(p) for n, p in params.items()}
-    visited, teacher_calls, unet_eps = [], [], rid.unet_eps
+    visited, student_calls, unet_eps = [], [], rid.unet_eps
 
     def spy(unet, x, t, emb, layers=(), params=None):
-        if params is not None:  # one call on the K states, stacked: split back into (x_k, t_k), B = 2 each
-            teacher_calls.append(len(x))
-            visited.extend((x_k.detach().clone(), t[2 * k]) for k, x_k in enumerate(x.split(2)))
+        if params is not None:
+            visited.append((x.detach().clone(), t))
+        elif torch.is_grad_enabled():
+            student_calls.append(x.requires_grad)
         return unet_eps(unet, x, t, emb, layers, params)
     monkeypatch.setattr(rid, "unet_eps", spy)
     emb = rid.encode_prompts(pipe, prompts)
-    _, terms = rid.sample_latents(pipe, latents, emb, args, 3, teacher)
-    assert teacher_calls == [6] and len(visited) == 3  # the teacher once, batched; the objective state by state
+    _, terms = rid.sample_latents(pipe, latents, emb, args, 3, teacher, distill_step=at)
+    assert len(visited) == 1 and int(visited[0][1]) == int(pipe.scheduler.timesteps[at])  # the teacher once
+    # the K gradient steps, and a detached student call unless the first gradient step's own call serves
+    assert student_calls == [False, True, True] + ([] if at == 1 else [False])
     with seeded(3):
         direction = {n: torch.randn_like(p) for n, p in params.items()}
     gradient = grads(params, terms["loss_out"] + terms["loss_feat"])
     analytic = sum((g * direction[n]).sum() for n, g in zip(params, gradient))
     layers = args.feat_layers.split(",")
+    x, t = visited[0]
 
     def objective_at(h):
         with torch.no_grad():
             for n, p in params.items():
                 p.add_(h * direction[n])
-            losses = [rid.distillation_losses(*unet_eps(pipe.unet, x, t, emb, layers),
-                                              *unet_eps(pipe.unet, x, t, emb, layers, params=teacher), layers)
-                      for x, t in visited]
+            loss = rid.distillation_losses(*unet_eps(pipe.unet, x, t, emb, layers),
+                                           *unet_eps(pipe.unet, x, t, emb, layers, params=teacher), layers)
             for n, p in params.items():
                 p.sub_(h * direction[n])
-        return sum(loss["loss_out"] + loss["loss_feat"] for loss in losses) / len(losses)
+        return loss["loss_out"] + loss["loss_feat"]
 
-    h = 1e-5
+    h = 1e-6  # the central difference's error falls as h^2: 2e-7, 2e-9, 2e-11 of 1.3e-3 at h = 1e-4, 1e-5, 1e-6
     numeric = (objective_at(h) - objective_at(-h)) / (2 * h)
     assert analytic.abs() > 1e-10
     torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=0)
+
+
+def test_the_distilled_state_is_drawn_uniformly_from_the_k_gradient_steps():
+    """The one state per batch is an unbiased estimate of the mean over the K gradient steps: drawn uniformly from
+    them (never from the no-grad chain), and with K = 1 nothing is drawn, so that the run's random stream is the one a
+    run had before K > 1 drew its state."""
+    args, pipe, *_ = tiny_setup(steps=6)
+    generator = torch.Generator().manual_seed(0)
+    draws = [rid.draw_distill_step(pipe, args, 3, generator) for _ in range(3000)]
+    counts = [draws.count(i) for i in range(6)]
+    assert counts[:3] == [0, 0, 0] and all(abs(c - 1000) < 100 for c in counts[3:]), counts  # 5 sigma is 130
+    state = generator.get_state()
+    assert rid.draw_distill_step(pipe, args, 1, generator) == 5
+    assert torch.equal(generator.get_state(), state)
 
 
 def test_trajectory_distillation_compares_the_teacher_once_at_the_drawn_step(monkeypatch):
@@ -1733,9 +1754,8 @@ def test_trajectory_distillation_compares_the_teacher_once_at_the_drawn_step(mon
         teacher_calls = [c for c in calls if c[1]]
         assert teacher_calls == [(timesteps[step], True, False)], calls
         assert terms["loss_out"] > 0 and any(g.abs().sum() > 0 for g in grads(params, terms["loss_out"]))
-    steps = {rid.draw_distill_step(pipe, args, torch.Generator().manual_seed(s)) for s in range(40)}
+    steps = {rid.draw_distill_step(pipe, args, 1, torch.Generator().manual_seed(s)) for s in range(40)}
     assert steps == set(range(5))  # drawn over the whole chain
-    assert rid.draw_distill_step(pipe, dataclasses.replace(args, distill_at="gradient-steps"), None) is None
 
 
 def test_feature_distillation_is_scale_free_and_logged_per_layer():
