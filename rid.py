@@ -526,6 +526,7 @@ def train_task(pipe, scorer, prompts, params, args: Args, task: int, name: str, 
 
 
 SPREAD_IMAGES = 16  # pictures that measure a reward's spread at a task's start
+SAMPLING_BATCH = 8  # pictures per call when sampling without gradients (the spread), as eval.py's --batch-size
 
 
 def task_seed(seed: int, task: int) -> int:
@@ -549,8 +550,8 @@ def reward_spread(pipe, scorer, prompts: list[str], args: Args, task: int) -> fl
     chosen = [prompts[i] for i in torch.randint(len(prompts), (SPREAD_IMAGES,), generator=generator)]
     latents = initial_latents(pipe, SPREAD_IMAGES, args.resolution, generator)
     rewards = []
-    for start in range(0, SPREAD_IMAGES, args.batch_size):
-        batch = slice(start, start + args.batch_size)
+    for start in range(0, SPREAD_IMAGES, SAMPLING_BATCH):  # no graph: more pictures per call than a training batch
+        batch = slice(start, start + SAMPLING_BATCH)
         images = generate(pipe, chosen[batch], latents[batch], args, torch.Generator().manual_seed(args.seed))
         with torch.no_grad():
             rewards.append(score(parts, images, chosen[batch]))
@@ -565,12 +566,10 @@ def sample_prompts(prompts: list[str]) -> list[str]:
 
 
 def samples(pipe, prompts: list[str], args: Args) -> torch.Tensor:
-    """What each task's samples.png shows: the prompts from fixed x_T (seeded with --seed) without the LoRA adapters
-    (the base model) and with them, (n, 2, 3, H, W)."""
+    """What samples.png shows of the model as it is: the prompts from fixed x_T (seeded with --seed), (n, 3, H, W).
+    Inside adapters_disabled: the base model's, shown beside every task's."""
     latents = initial_latents(pipe, len(prompts), args.resolution, torch.Generator().manual_seed(args.seed))
-    with adapters_disabled(pipe.unet):
-        base = generate(pipe, prompts, latents, args)
-    return torch.stack([base, generate(pipe, prompts, latents, args)], dim=1)
+    return generate(pipe, prompts, latents, args)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -598,14 +597,16 @@ def main(args: Args) -> StableDiffusionPipeline | None:
     if run.finished:  # by another --resume while the models were built
         return None
     run.accelerator.print(threads, file=sys.stderr)
+    shown = sample_prompts(prompts)
+    with adapters_disabled(pipe.unet):  # the base model's samples, once: the left column of every samples.png
+        base = samples(pipe, shown, args) if run.is_main else None
     with run.training():
         for task, name in run.tasks():
             params = task_adapter(pipe.unet, args, task)
             with scorer_on(scorers[name], device) as scorer:  # only this task's reward tower on the device
                 train_task(pipe, scorer, prompts, params, args, task, name, run, method)
             if run.is_main:
-                shown = sample_prompts(prompts)
-                run.task_end(samples(pipe, shown, args), shown, lora_state_dict(pipe.unet))
+                run.task_end(torch.stack([base, samples(pipe, shown, args)], dim=1), shown, lora_state_dict(pipe.unet))
     return pipe
 
 
