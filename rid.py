@@ -258,47 +258,30 @@ def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generato
     --eta > 0. Returns x_0 and the loss terms {"loss_out", "loss_feat", ...}."""
     timesteps = pipe.scheduler.timesteps
     split = len(timesteps) - k
-    visited = None  # (x_in, t) of the distilled step: its scaled model input
+    visited = None  # (x_t, t) of the distilled step
     with torch.no_grad(), adapters_folded(pipe.unet), low_precision(args, x.device):  # fold first, in fp32
         for i, t in enumerate(timesteps[:split]):
-            x_in = pipe.scheduler.scale_model_input(x, t)
-            visited = (x_in, t) if i == distill_step else visited
-            eps, _ = unet_eps(pipe.unet, x_in, t, text_emb)
+            visited = (x, t) if i == distill_step else visited
+            eps, _ = unet_eps(pipe.unet, pipe.scheduler.scale_model_input(x, t), t, text_emb)
             x = ddim_step(pipe, eps, t, x, args, generator, process)
     layers = args.feat_layers.split(",") if args.lambda_feat > 0 else ()
-    student = None  # the student's (eps, feats) at the distilled state, when a gradient step computed them
+    first_call = None  # the student's call at the first gradient step, when that step is the one distilled
     for i, t in enumerate(timesteps[split:], start=split):
-        x_in = pipe.scheduler.scale_model_input(x, t)
-        distilled = teacher is not None and i == distill_step
-        visited = (x_in, t) if distilled else visited
+        visited = (x, t) if i == distill_step else visited
+        # The first gradient step's input carries no graph (it comes from the no_grad chain), so its own call serves
+        # distillation too; later steps' inputs depend on theta, and distil() calls the student again, detached.
+        reuse = teacher is not None and i == distill_step == split
         with full_precision(x.device):
-            if distilled and x_in.requires_grad:  # a later gradient step: its input carries the graph of theta
-                eps, student = chain_and_student(args.checkpointing, pipe.unet, x_in, t, text_emb, layers)
-            else:  # the first gradient step's input carries no graph, so its own call is the student's too
-                eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, x_in, t, text_emb,
-                                          layers if distilled else ())
-                student = (eps, feats) if distilled else student
+            eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, pipe.scheduler.scale_model_input(x, t),
+                                      t, text_emb, layers if reuse else ())
+        first_call = (eps, feats) if reuse else first_call
         x = ddim_step(pipe, eps, t, x, args, generator, process)
     if teacher is None or visited is None:
         return x, {"loss_out": x.new_zeros(()), "loss_feat": x.new_zeros(())}
+    x_t, t = visited
     with full_precision(x.device):
-        return x, distil(pipe.unet, *visited, text_emb, layers, teacher, args, student)
-
-
-def chain_and_student(checkpointing: bool, unet, x_in, t, text_emb, layers):
-    """At a gradient step whose input x_in (B,4,h,w) depends on theta: the chain's eps there (2B,4,h,w), through
-    which the reward's gradient flows back into the earlier steps, and the student's (eps, feats) on sg(x_in) for
-    distillation, from one checkpointed UNet call on [x_in; sg(x_in)] (text [u; u; c; c], the CFG batch of each)
-    rather than two calls: the same outputs, one call's overhead."""
-    uncond, cond = text_emb.chunk(2)
-    eps, feats = checkpointed(checkpointing, unet_eps, unet, torch.cat([x_in, x_in.detach()]), t,
-                              torch.cat([uncond, uncond, cond, cond]), layers)
-
-    def halves(h):  # (4B,...) in the order [u(x); u(sg x); c(x); c(sg x)] -> the chain's and the student's (2B,...)
-        u_chain, u_student, c_chain, c_student = h.chunk(4)
-        return torch.cat([u_chain, c_chain]), torch.cat([u_student, c_student])
-    eps_chain, eps_student = halves(eps)
-    return eps_chain, (eps_student, [halves(h)[1] for h in feats])
+        return x, distil(pipe.unet, pipe.scheduler.scale_model_input(x_t, t), t, text_emb, layers, teacher, args,
+                         first_call)
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
@@ -397,15 +380,14 @@ def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------------
 # Distillation: the student against the EMA teacher at visited states of the sampling chain.
 
-def distil(unet, x_in, t, text_emb, layers, teacher, args: Args, student=None) -> dict:
+def distil(unet, x_in, t, text_emb, layers, teacher, args: Args, first_call=None) -> dict:
     """The distillation terms at one visited state x_in (B,4,h,w), taken as data (detached): the student's outputs
     there against the teacher's, which runs on the same UNet with its LoRA tensors swapped in, without gradients. So
-    the gradient is that of a regression at the states the sampler visits, whatever K is. `student` = (eps, feats):
-    the student's outputs that a gradient step already computed at exactly this state (sample_latents); otherwise
-    (a state of the no-grad chain, --distill-at trajectory) the student runs once more, checkpointed like the
-    gradient steps."""
+    the gradient is that of a regression at the states the sampler visits, whatever K is. `first_call` = (eps, feats):
+    the student's call that already saw exactly this state (the first gradient step's own); otherwise the student
+    runs once more, checkpointed like the gradient steps."""
     x_in = x_in.detach()
-    student = student or checkpointed(args.checkpointing, unet_eps, unet, x_in, t, text_emb, layers)
+    student = first_call or checkpointed(args.checkpointing, unet_eps, unet, x_in, t, text_emb, layers)
     with torch.no_grad():
         teacher_call = unet_eps(unet, x_in, t, text_emb, layers, params=teacher)
     return distillation_losses(*student, *teacher_call, layers)
