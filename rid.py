@@ -249,13 +249,14 @@ def ddim_step(pipe, eps: torch.Tensor, t, x: torch.Tensor, args: Args, generator
 
 
 def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generator=None, process=(0, 1),
-                   distill_step: int | None = None):
+                   distill_step: int | None = None, backward=torch.Tensor.backward):
     """DDIM from x_T (B,4,h,w) to x_0 latents. Steps 1..T-k run under no_grad in --mixed-precision's dtype with the
     LoRA folded into the weights (the fast path: they are most UNet calls and need no graph), the last k with
     gradients in fp32, each UNet call in activation checkpointing (unless --no-checkpointing). With a teacher
     (name -> LoRA tensor), also returns the distillation terms (distil) at the state of DDIM step `distill_step`
-    (an index into the T timesteps, draw_distill_step). `generator` and `process` (index, count) give the noise for
-    --eta > 0. Returns x_0 and the loss terms {"loss_out", "loss_feat", ...}."""
+    (an index into the T timesteps, draw_distill_step); `backward(loss)` is how the step backpropagates a loss, which
+    distil uses for a student call of its own. `generator` and `process` (index, count) give the noise for --eta > 0.
+    Returns x_0 and the loss terms {"loss_out", "loss_feat", ...}."""
     timesteps = pipe.scheduler.timesteps
     split = len(timesteps) - k
     visited = None  # (x_t, t) of the distilled step
@@ -281,7 +282,7 @@ def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generato
     x_t, t = visited
     with full_precision(x.device):
         return x, distil(pipe.unet, pipe.scheduler.scale_model_input(x_t, t), t, text_emb, layers, teacher, args,
-                         first_call)
+                         first_call, backward)
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
@@ -380,17 +381,24 @@ def task_adapter(unet: UNet2DConditionModel, args: Args, task: int) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------------
 # Distillation: the student against the EMA teacher at visited states of the sampling chain.
 
-def distil(unet, x_in, t, text_emb, layers, teacher, args: Args, first_call=None) -> dict:
+def distil(unet, x_in, t, text_emb, layers, teacher, args: Args, first_call=None, backward=torch.Tensor.backward
+           ) -> dict:
     """The distillation terms at one visited state x_in (B,4,h,w), taken as data (detached): the student's outputs
     there against the teacher's, which runs on the same UNet with its LoRA tensors swapped in, without gradients. So
     the gradient is that of a regression at the states the sampler visits, whatever K is. `first_call` = (eps, feats):
-    the student's call that already saw exactly this state (the first gradient step's own); otherwise the student
-    runs once more, checkpointed like the gradient steps."""
+    the student's call that already saw exactly this state (the first gradient step's own), whose terms join the
+    step's loss. Otherwise the student runs once more, and lambda_out L_out + lambda_feat L_feat is backpropagated at
+    once, through the step's `backward`, and the terms come back detached: the call needs no activation checkpoint (a
+    forward and a backward, not a forward, a recompute and a backward), and its activations are freed before the
+    chain's backward, so the step's peak memory stays that of one UNet call's."""
     x_in = x_in.detach()
-    student = first_call or checkpointed(args.checkpointing, unet_eps, unet, x_in, t, text_emb, layers)
     with torch.no_grad():
         teacher_call = unet_eps(unet, x_in, t, text_emb, layers, params=teacher)
-    return distillation_losses(*student, *teacher_call, layers)
+    if first_call is not None:
+        return distillation_losses(*first_call, *teacher_call, layers)
+    terms = distillation_losses(*unet_eps(unet, x_in, t, text_emb, layers), *teacher_call, layers)
+    backward(args.lambda_out * terms["loss_out"] + args.lambda_feat * terms["loss_feat"])
+    return {name: term.detach() for name, term in terms.items()}
 
 
 def distillation_losses(eps, feats, eps_teacher, feats_teacher, layers=()) -> dict:
@@ -450,7 +458,11 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
     batch, x_T, k = draw_batch(pipe, prompts, args, generator, process)
     k = method.k(k, step, args) if method is not None else k
     at = draw_distill_step(pipe, args, k, generator) if teacher is not None else None
-    x0, terms = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator, process, at)
+
+    def backward(loss):  # this micro-batch's share of the step (--grad-accum), times fp16's loss scale if enabled
+        (loss / args.grad_accum if scaler is None else scaler.scale(loss / args.grad_accum)).backward()
+    x0, terms = sample_latents(pipe, x_T, encode_prompts(pipe, batch), args, k, teacher, generator, process, at,
+                               backward)
     images = decode_with_grad(pipe.vae, x0, args.checkpointing)                           # (B, 3, H, W)
     rewards = score(scorer, images, batch)                                                # (B,)
     terms["loss_reward"] = -args.reward_scale * rewards.mean()
@@ -459,7 +471,7 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
         terms[name] = term
         loss = loss + weight * term
     with full_precision(x_T.device):  # the K steps' checkpoints are recomputed in here: as precise as their forward
-        (loss / args.grad_accum if scaler is None else scaler.scale(loss / args.grad_accum)).backward()
+        backward(loss)
     terms["loss"] = loss
     return {"rewards": rewards.detach(), **{name: term.detach().float() for name, term in terms.items()}, "k": k}
 

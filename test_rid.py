@@ -110,6 +110,19 @@ def grads(params, loss):
     return torch.autograd.grad(loss, list(params.values()), allow_unused=True)
 
 
+def distillation_grads(params, args, sample):
+    """The gradient of lambda_out L_out + lambda_feat L_feat from one rid.sample_latents call, sample() -> terms:
+    backpropagated inside it into .grad (a separate student call, rid.distil) or carried by the returned terms (the
+    first gradient step's own call), whichever it was. Returns the gradients and the terms."""
+    for p in params.values():
+        p.grad = None
+    terms = sample()
+    loss = args.lambda_out * terms["loss_out"] + args.lambda_feat * terms["loss_feat"]
+    if loss.requires_grad:
+        loss.backward()
+    return [torch.zeros_like(p) if p.grad is None else p.grad for p in params.values()], terms
+
+
 # ---------------------------------------------------------------------------------------------- truncation (DRaFT-K)
 
 def test_gradients_flow_only_through_the_last_k_steps():
@@ -249,11 +262,12 @@ def test_feature_distillation_gradients_survive_checkpoint_recomputation(monkeyp
     args, pipe, params, prompts, latents = tiny_setup(steps=3)
     teacher = {n: p.detach() + 0.05 for n, p in params.items()}
     emb = rid.encode_prompts(pipe, prompts)
-    _, terms = rid.sample_latents(pipe, latents, emb, args, 2, teacher, distill_step=at)
-    checkpointed = grads(params, terms["loss_out"] + terms["loss_feat"])
+    checkpointed, terms = distillation_grads(
+        params, args, lambda: rid.sample_latents(pipe, latents, emb, args, 2, teacher, distill_step=at)[1])
     monkeypatch.setattr(rid, "checkpoint", lambda fn, *a, use_reentrant: fn(*a))
-    _, plain = rid.sample_latents(pipe, latents, emb, args, 2, teacher, distill_step=at)
-    for g, g_ref in zip(checkpointed, grads(params, plain["loss_out"] + plain["loss_feat"])):
+    plain, _ = distillation_grads(
+        params, args, lambda: rid.sample_latents(pipe, latents, emb, args, 2, teacher, distill_step=at)[1])
+    for g, g_ref in zip(checkpointed, plain):
         torch.testing.assert_close(g, g_ref)
     assert terms["loss_feat"] > 0 and sum(g.abs().sum() for g in checkpointed) > 0
 
@@ -1363,14 +1377,15 @@ def test_bf16_distillation_measures_the_weight_difference_as_fp32_does():
     the direction of its gradient must match fp32's, not one bf16 ulp of rounding (the K steps run in fp32)."""
     results = {}
     for precision in ("no", "bf16"):
-        args, pipe, params, prompts, latents = tiny_setup(steps=4, dtype=None, mixed_precision=precision)
+        args, pipe, params, prompts, latents = tiny_setup(steps=4, dtype=None, mixed_precision=precision,
+                                                          lambda_feat=0.0)
         with seeded(5):
             teacher = {n: p.detach() * (1 + 1e-3 * torch.randn_like(p)) if "lora_B" in n else p.detach().clone()
                        for n, p in params.items()}
-        _, terms = rid.sample_latents(pipe, latents, rid.encode_prompts(pipe, prompts), args, 2, teacher,
-                                      distill_step=3)  # the second gradient step: its input carries the K steps' graph
-        l_out = terms["loss_out"]
-        results[precision] = l_out.item(), torch.cat([g.flatten() for g in grads(params, l_out)])
+        gradient, terms = distillation_grads(params, args, lambda: rid.sample_latents(
+            pipe, latents, rid.encode_prompts(pipe, prompts), args, 2, teacher,
+            distill_step=3)[1])  # the second gradient step: its input carries the K steps' graph
+        results[precision] = terms["loss_out"].item(), torch.cat([g.flatten() for g in gradient])
     (fp32, g_fp32), (bf16, g_bf16) = results["no"], results["bf16"]
     assert fp32 > 0 and abs(bf16 - fp32) < 0.1 * fp32, (fp32, bf16)
     assert torch.nn.functional.cosine_similarity(g_fp32, g_bf16, dim=0) > 0.9
@@ -1500,9 +1515,9 @@ def test_checkpointing_off_gives_the_same_step_without_checkpoint_calls(monkeypa
         metrics = rid.train_step(pipe, scorer, prompts, teacher, args, torch.Generator().manual_seed(0))
         steps[checkpointing] = metrics, [p.grad for p in params.values()], len(calls)
     (metrics_on, grads_on, calls_on), (metrics_off, grads_off, calls_off) = steps[True], steps[False]
-    # K UNet calls, the student's detached call for distillation at the second gradient step (its input depends on
-    # theta), and the decode, one image at a time; none without checkpointing
-    assert calls_on == 2 + 1 + 2 and calls_off == calls_on
+    # K UNet calls and the decode, one image at a time; none without checkpointing. The student's detached call for
+    # distillation at the second gradient step (its input depends on theta) is backpropagated at once: no checkpoint
+    assert calls_on == 2 + 2 and calls_off == calls_on
     # The same step: with checkpointing the decode runs one image at a time, whose convolutions round differently
     # from the batch's by a few float32 ulps (measured 6e-8 relative on the loss)
     torch.testing.assert_close(metrics_on, metrics_off, rtol=1e-6, atol=0)
@@ -1694,13 +1709,17 @@ def test_distillation_gradient_is_the_gradient_of_a_regression_at_the_visited_st
         return unet_eps(unet, x, t, emb, layers, params)
     monkeypatch.setattr(rid, "unet_eps", spy)
     emb = rid.encode_prompts(pipe, prompts)
-    _, terms = rid.sample_latents(pipe, latents, emb, args, 3, teacher, distill_step=at)
+    def sample():
+        terms = rid.sample_latents(pipe, latents, emb, args, 3, teacher, distill_step=at)[1]
+        sampled.extend(student_calls)  # before a backward recomputes the first gradient step's checkpoint
+        return terms
+    sampled = []
+    gradient, _ = distillation_grads(params, args, sample)
     assert len(visited) == 1 and int(visited[0][1]) == int(pipe.scheduler.timesteps[at])  # the teacher once
     # the K gradient steps, and a detached student call unless the first gradient step's own call serves
-    assert student_calls == [False, True, True] + ([] if at == 1 else [False])
+    assert sampled == [False, True, True] + ([] if at == 1 else [False])
     with seeded(3):
         direction = {n: torch.randn_like(p) for n, p in params.items()}
-    gradient = grads(params, terms["loss_out"] + terms["loss_feat"])
     analytic = sum((g * direction[n]).sum() for n, g in zip(params, gradient))
     layers = args.feat_layers.split(",")
     x, t = visited[0]
@@ -1749,11 +1768,11 @@ def test_trajectory_distillation_compares_the_teacher_once_at_the_drawn_step(mon
     timesteps = [int(t) for t in pipe.scheduler.timesteps]
     for step in (1, 4):  # in the no-grad chain, and at the (last) gradient step
         calls.clear()
-        _, terms = rid.sample_latents(pipe, latents, rid.encode_prompts(pipe, prompts), args, 1, teacher,
-                                      distill_step=step)
+        gradient, terms = distillation_grads(params, args, lambda: rid.sample_latents(
+            pipe, latents, rid.encode_prompts(pipe, prompts), args, 1, teacher, distill_step=step)[1])
         teacher_calls = [c for c in calls if c[1]]
         assert teacher_calls == [(timesteps[step], True, False)], calls
-        assert terms["loss_out"] > 0 and any(g.abs().sum() > 0 for g in grads(params, terms["loss_out"]))
+        assert terms["loss_out"] > 0 and any(g.abs().sum() > 0 for g in gradient)
     steps = {rid.draw_distill_step(pipe, args, 1, torch.Generator().manual_seed(s)) for s in range(40)}
     assert steps == set(range(5))  # drawn over the whole chain
 
