@@ -5,7 +5,8 @@
     python benchmark.py --random-weights                         # SD1.5 architecture at 512 px (a GPU)
 
 Everything is measured in one process on one model, batch and T, configurations interleaved round by round so that a
-busy machine slows all of them alike; medians over --repeats rounds after one warm-up round. A step is the loop's own
+busy machine slows all of them alike; medians over --repeats rounds after one warm-up round, and each ratio the median
+of its two configurations' ratio within a round (benchmark.paired). A step is the loop's own
 (rid.train_step, then rid.optimizer_update); a minimal loop written as directly as diffusers allows is the yardstick.
 """
 import contextlib
@@ -211,10 +212,11 @@ def synchronized_seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def step_times(opts: BenchmarkArgs, ks: list[int], device: torch.device) -> dict[str, float]:
-    """Median seconds of one optimizer step for each (method, K), and of one sampling pass (rid.generate: T steps
-    without gradients and the decode), all on the same model, batch and T. One warm-up round, then --repeats rounds;
-    each round runs every configuration once, so that a busy machine slows every configuration alike."""
+def step_times(opts: BenchmarkArgs, ks: list[int], device: torch.device) -> dict[str, list[float]]:
+    """Seconds of one optimizer step for each (method, K), and of one sampling pass (rid.generate: T steps without
+    gradients and the decode), all on the same model, batch and T, round by round. One warm-up round, then --repeats
+    rounds; each round runs every configuration once, back to back, so that a busy machine slows every configuration
+    alike (and paired() compares them within each round)."""
     pipe, params, scorer, optimizer = bench_setup(opts, device)
     jobs = {}
     for k in ks:
@@ -247,12 +249,11 @@ def step_times(opts: BenchmarkArgs, ks: list[int], device: torch.device) -> dict
             elapsed = synchronized_seconds(job, device)
             if round_ > 0:  # round 0 warms up: first-call allocations, kernel selection, caches
                 seconds[name].append(elapsed)
-    medians = {name: statistics.median(values) for name, values in seconds.items()}
     for k in ks:  # RID's expected step over the uniform draw of the distilled state among the K gradient steps
         if k > 1:
-            medians[f"rid K={k}"] = (medians.pop(f"rid K={k} first state") + (k - 1) * medians.pop(f"rid K={k} later "
-                                                                                                   "state")) / k
-    return medians
+            first, later = seconds.pop(f"rid K={k} first state"), seconds.pop(f"rid K={k} later state")
+            seconds[f"rid K={k}"] = [(f + (k - 1) * s) / k for f, s in zip(first, later)]
+    return seconds
 
 
 def distilled(at: int, step: tuple) -> None:
@@ -350,16 +351,25 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
+def paired(result: dict, a: str, b: str) -> float | None:
+    """Configuration a's time over b's: the median over rounds of their ratio within each round. The two ran back to
+    back, so the ratio cancels what drifts from round to round on a shared machine (another job's load, a VM's
+    neighbours), which a ratio of medians keeps. None if b was not timed."""
+    rounds = result["rounds"]
+    return statistics.median(x / y for x, y in zip(rounds[a], rounds[b])) if b in rounds else None
+
+
 def benchmark_tables(result: dict) -> str:
     """The benchmark's results as two Markdown tables: time against K, a minimal loop and sampling; memory against
     K; and the time of RID's task 3 (two frozen adapters) against its task 1."""
     t, seconds, memory = result["num_steps"], result["seconds"], result["peak_memory_bytes"]
     time_rows, memory_rows = [], []
     for k in result["ks"]:
-        plain, rid_, floor = seconds[f"plain K={k}"], seconds[f"rid K={k}"], (t + 3 * k) / t
-        time_rows.append([str(k), plain, rid_, rid_ / plain, ratio(plain, seconds.get(f"minimal K={k}")),
-                          ratio(plain, seconds.get(f"trl K={k}")), plain / seconds["sampling"], floor,
-                          plain / seconds["sampling"] / floor, rid_ / seconds["sampling"] / floor])
+        plain, rid_, floor = f"plain K={k}", f"rid K={k}", (t + 3 * k) / t
+        sampled = paired(result, plain, "sampling")
+        time_rows.append([str(k), seconds[plain], seconds[rid_], paired(result, rid_, plain),
+                          paired(result, plain, f"minimal K={k}"), paired(result, plain, f"trl K={k}"), sampled, floor,
+                          sampled / floor, paired(result, rid_, "sampling") / floor])
         on, off = memory[f"K={k} checkpointing on"], memory[f"K={k} checkpointing off"]
         first_on, first_off = (memory[f"K={result['ks'][0]} checkpointing {c}"] for c in ("on", "off"))
         memory_rows.append([str(k), mib(on), ratio(on, first_on), mib(off), ratio(off, first_off)])
@@ -367,14 +377,14 @@ def benchmark_tables(result: dict) -> str:
     task3 = seconds[f"rid K={first} task 3"]
     return "\n\n".join([
         f"{result['model']}, {result['resolution']} px, batch {result['batch_size']}, T={t}, reward "
-        f"{result['reward']}, --mixed-precision {result['precision']}, {result['device']}; medians of "
-        f"{result['repeats']} rounds; one sampling pass: "
+        f"{result['reward']}, --mixed-precision {result['precision']}, {result['device']}; seconds: medians of "
+        f"{result['repeats']} rounds, ratios: medians of each round's ratio; one sampling pass: "
         f"{seconds['sampling']:.4g} s",
         markdown_table(["K", "plain s/step", "RID s/step", "RID / plain", "plain / minimal loop", "plain / trl",
                         "plain / sampling", "floor (T+3K)/T", "plain / sampling / floor", "RID / sampling / floor"],
                        time_rows),
         f"RID at K={first}, task 3 (two frozen adapters) / task 1: {task3:.4g} s / {seconds[f'rid K={first}']:.4g} s"
-        f" = {task3 / seconds[f'rid K={first}']:.3f}",
+        f", paired {paired(result, f'rid K={first} task 3', f'rid K={first}'):.3f}",
         markdown_table(["K", "peak MiB, checkpointing on", f"on / on at K={first}", "peak MiB, checkpointing off",
                         f"off / off at K={first}"], memory_rows)])
 
@@ -520,7 +530,8 @@ def benchmark(opts: BenchmarkArgs) -> dict:
         result = {"model": model, "device": where, "resolution": args.resolution, "batch_size": args.batch_size,
                   "num_steps": t, "ks": ks, "reward": opts.reward, "repeats": opts.repeats,
                   "precision": opts.mixed_precision, "peak_memory_bytes": memory,
-                  "seconds": step_times(opts, ks, device)}
+                  "rounds": step_times(opts, ks, device)}
+        result["seconds"] = {name: statistics.median(values) for name, values in result["rounds"].items()}
         print(benchmark_tables(result))
     if opts.json:
         runfiles.atomic_write(Path(opts.json), lambda f: f.write(json.dumps(result, indent=2).encode()))
