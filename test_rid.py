@@ -1533,6 +1533,7 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     result = json.loads((tmp_path / "b.json").read_text())
     assert set(result["seconds"]) == {"plain K=2", "rid K=2", "minimal K=2", "rid K=2 task 3", "sampling"}
     assert all(seconds > 0 for seconds in result["seconds"].values())
+    assert result["rounds"].keys() == result["seconds"].keys() and all(len(r) == 1 for r in result["rounds"].values())
     assert set(result["peak_memory_bytes"]) == {"K=2 checkpointing on", "K=2 checkpointing off"}
     assert all(isinstance(n, int) and n > 0 for n in result["peak_memory_bytes"].values())
     tables = capsys.readouterr().out
@@ -1544,6 +1545,13 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     decode = json.loads((tmp_path / "d.json").read_text())
     assert set(decode) == set(benchmark.DECODES)
     assert all(r["peak_mib"] > 0 and r["seconds"] > 0 for r in decode.values())
+
+
+def test_benchmark_ratios_are_medians_of_each_rounds_ratio():
+    """A ratio pairs the two configurations round by round, so a round that was slow for both cancels: here the
+    per-round ratios are 2, 1, 3 (median 2), while the ratio of the medians would be 3."""
+    result = {"rounds": {"a": [2.0, 10.0, 3.0], "b": [1.0, 10.0, 1.0]}}
+    assert benchmark.paired(result, "a", "b") == 2.0 and benchmark.paired(result, "a", "not timed") is None
 
 
 def test_benchmark_bad_input_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
