@@ -55,7 +55,13 @@ from rewards import OPENAI_MEAN, OPENAI_STD, TOWER_CONFIGS, TOY_TOWER, Aesthetic
     centre_crop, clip_tower, letterbox, load_aesthetic_mlp, load_hps_weights, load_reward, normalise, seeded
 
 HERE = Path(__file__).parent
-checks.choose_threads()  # as every program does: the cores free now, unless OMP_NUM_THREADS says
+# The test processes (pytest.ini runs two) share the cores as ril_benchmark's workers do: each takes its share, for
+# the whole session, through OMP_NUM_THREADS, which rid.cli's choice at every start then keeps. Chosen afresh from the
+# cores free at each start, a run compared bit for bit with one made while the other test process held a core (one
+# thread against two) differed by float summation order.
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # A tiny run of 4 steps on one reward at T=2 and 16x16: a few seconds. A preset for tiny_args and tiny_flags.
 SMALL = dict(rewards="aesthetic", steps_per_task=4, num_steps=2, resolution=16, checkpoint_every=2)
@@ -1545,6 +1551,22 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     decode = json.loads((tmp_path / "d.json").read_text())
     assert set(decode) == set(benchmark.DECODES)
     assert all(r["peak_mib"] > 0 and r["seconds"] > 0 for r in decode.values())
+
+
+def test_threads_are_the_cores_free_at_start_unless_omp_num_threads_says(monkeypatch):
+    """One thread when the other core is busy (two threads on two shared cores ran 7x slower), both when both are
+    free, at least one when none is; OMP_NUM_THREADS overrides the choice."""
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(checks.psutil.Process, "cpu_affinity", lambda self: [0, 1])
+    try:
+        for loads, chosen in (([95.0, 5.0], 1), ([5.0, 5.0], 2), ([95.0, 99.0], 1)):
+            monkeypatch.setattr(checks.psutil, "cpu_percent", lambda interval, percpu, loads=loads: loads)
+            assert checks.choose_threads().startswith(f"{chosen} CPU thread") and torch.get_num_threads() == chosen
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert checks.choose_threads().endswith("(OMP_NUM_THREADS)")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_benchmark_ratios_are_medians_of_each_rounds_ratio():
