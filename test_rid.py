@@ -1739,11 +1739,12 @@ def test_distillation_gradient_is_the_gradient_of_a_regression_at_the_visited_st
         return unet_eps(unet, x, t, emb, layers, params)
     monkeypatch.setattr(rid, "unet_eps", spy)
     emb = rid.encode_prompts(pipe, prompts)
+    sampled = []
+
     def sample():
         terms = rid.sample_latents(pipe, latents, emb, args, 3, teacher, distill_step=at)[1]
         sampled.extend(student_calls)  # before a backward recomputes the first gradient step's checkpoint
         return terms
-    sampled = []
     gradient, _ = distillation_grads(params, args, sample)
     assert len(visited) == 1 and int(visited[0][1]) == int(pipe.scheduler.timesteps[at])  # the teacher once
     # the K gradient steps, and a detached student call unless the first gradient step's own call serves
