@@ -466,6 +466,7 @@ def train_step(pipe, scorer, prompts, teacher, args: Args, generator: torch.Gene
     images = decode_with_grad(pipe.vae, x0, args.checkpointing)                           # (B, 3, H, W)
     rewards = score(scorer, images, batch)                                                # (B,)
     terms["loss_reward"] = -args.reward_scale * rewards.mean()
+    # Terms that distil backpropagated already (a separate student call) come back detached: here they are the value
     loss = terms["loss_reward"] + args.lambda_out * terms["loss_out"] + args.lambda_feat * terms["loss_feat"]
     for name, (weight, term) in (method.losses(pipe, prompts, args, generator) if method is not None else {}).items():
         terms[name] = term
