@@ -1,5 +1,6 @@
 """Tests that the method works, on tiny models built from code (CPU, offline)."""
 import contextlib
+import copy
 import dataclasses
 import errno
 import fnmatch
@@ -162,7 +163,8 @@ def test_gradients_flow_only_through_the_last_k_steps():
 
 def test_reward_gradient_matches_finite_differences_in_float64():
     args, pipe, params, prompts, latents = tiny_setup(steps=3, dtype=torch.float64)
-    scorer = load_reward("aesthetic", "cpu", tiny=True).double()
+    # a copy: the CLIP tower is loaded once per process and shared by every scorer built on it (rewards.openai_vit_l14)
+    scorer = copy.deepcopy(load_reward("aesthetic", "cpu", tiny=True)).double()
     k = 3  # K = T: only then is the reward's gradient its exact derivative (with K < T it is truncated, see above)
     loss, _, _ = reward_loss(pipe, args, prompts, latents, scorer, k)
     with seeded(1):
@@ -205,7 +207,7 @@ def test_fast_path_gives_the_gradients_of_the_plain_loop(dtype, rtol):
     from W x + B (A x); 1e-4 is a bound, the measured difference is about 3e-6, the size of what changing the number
     of threads alone does to these gradients."""
     args, pipe, params = two_task_setup(dtype)
-    scorer = load_reward("aesthetic", "cpu", tiny=True).to(dtype)
+    scorer = copy.deepcopy(load_reward("aesthetic", "cpu", tiny=True)).to(dtype)  # the shared tower untouched
     rid.train_step(pipe, scorer, checks.DEFAULT_PROMPTS, None, args, torch.Generator().manual_seed(0))
     fast = [p.grad.clone() for p in params.values()]
     plain = grads(params, benchmark.minimal_loss(pipe, scorer, args, torch.Generator().manual_seed(0)))
