@@ -230,6 +230,10 @@ def step_times(opts: BenchmarkArgs, ks: list[int], device: torch.device) -> dict
                     jobs[f"rid K={k} {state} state"] = lambda step=step, at=at[state]: distilled(at, step)
             else:
                 jobs[f"{method} K={k}"] = lambda step=step: optimizer_step(*step)
+        # --no-checkpointing: no recompute in the backward, for the memory the table beside it states
+        off = (pipe, scorer, params, None, optimizer, bench_args(opts, "plain", k, checkpointing=False),
+               torch.Generator().manual_seed(0))
+        jobs[f"plain K={k} checkpointing off"] = lambda off=off: optimizer_step(*off)
         if opts.mixed_precision == "no":  # the minimal loop has no precision policy: compared in fp32 only
             minimal = (pipe, scorer, params, optimizer, bench_args(opts, "plain", k), torch.Generator().manual_seed(0))
             jobs[f"minimal K={k}"] = lambda minimal=minimal: minimal_step(*minimal)
@@ -361,7 +365,8 @@ def paired(result: dict, a: str, b: str) -> float | None:
 
 def benchmark_tables(result: dict) -> str:
     """The benchmark's results as two Markdown tables: time against K, a minimal loop and sampling; memory against
-    K; and the time of RID's task 3 (two frozen adapters) against its task 1."""
+    K with checkpointing on and off, and plain's time with it off; and the time of RID's task 3 (two frozen adapters)
+    against its task 1."""
     t, seconds, memory = result["num_steps"], result["seconds"], result["peak_memory_bytes"]
     time_rows, memory_rows = [], []
     for k in result["ks"]:
@@ -372,7 +377,9 @@ def benchmark_tables(result: dict) -> str:
                           sampled / floor, paired(result, rid_, "sampling") / floor])
         on, off = memory[f"K={k} checkpointing on"], memory[f"K={k} checkpointing off"]
         first_on, first_off = (memory[f"K={result['ks'][0]} checkpointing {c}"] for c in ("on", "off"))
-        memory_rows.append([str(k), mib(on), ratio(on, first_on), mib(off), ratio(off, first_off)])
+        plain_off = f"plain K={k} checkpointing off"
+        memory_rows.append([str(k), mib(on), ratio(on, first_on), mib(off), ratio(off, first_off), seconds[plain_off],
+                            paired(result, plain_off, plain), paired(result, plain_off, f"trl K={k}")])
     first = result["ks"][0]
     task3 = seconds[f"rid K={first} task 3"]
     return "\n\n".join([
@@ -386,7 +393,8 @@ def benchmark_tables(result: dict) -> str:
         f"RID at K={first}, task 3 (two frozen adapters) / task 1: {task3:.4g} s / {seconds[f'rid K={first}']:.4g} s"
         f", paired {paired(result, f'rid K={first} task 3', f'rid K={first}'):.3f}",
         markdown_table(["K", "peak MiB, checkpointing on", f"on / on at K={first}", "peak MiB, checkpointing off",
-                        f"off / off at K={first}"], memory_rows)])
+                        f"off / off at K={first}", "plain s/step, checkpointing off", "off / on", "off / trl"],
+                       memory_rows)])
 
 
 DECODES = {"none": lambda vae, z: rid.decode(vae, z),

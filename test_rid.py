@@ -1539,7 +1539,8 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     assert benchmark.cli(["--tiny", "--num-steps", "2", "--resolution", "16", "--ks", "2", "--repeats", "1",
                           "--reward", "compressibility", "--json", str(tmp_path / "b.json")]) == 0  # 2 processes, not 6
     result = json.loads((tmp_path / "b.json").read_text())
-    assert set(result["seconds"]) == {"plain K=2", "rid K=2", "minimal K=2", "rid K=2 task 3", "sampling"}
+    assert set(result["seconds"]) == {"plain K=2", "rid K=2", "minimal K=2", "rid K=2 task 3", "sampling",
+                                         "plain K=2 checkpointing off"}
     assert all(seconds > 0 for seconds in result["seconds"].values())
     assert result["rounds"].keys() == result["seconds"].keys() and all(len(r) == 1 for r in result["rounds"].values())
     assert set(result["peak_memory_bytes"]) == {"K=2 checkpointing on", "K=2 checkpointing off"}
@@ -1547,7 +1548,7 @@ def test_benchmark_runs_end_to_end_and_reports_every_figure(tmp_path, capsys):
     tables = capsys.readouterr().out
     assert "| K | plain s/step | RID s/step | RID / plain | plain / minimal loop |" in tables and "| 2 |" in tables
     assert "task 3 (two frozen adapters) / task 1" in tables
-    assert "peak MiB, checkpointing off" in tables and "T=2" in tables
+    assert "peak MiB, checkpointing off" in tables and "plain s/step, checkpointing off" in tables and "T=2" in tables
     assert benchmark.cli(["--tiny", "--decode", "--resolution", "32", "--batch-size", "2", "--repeats", "1",
                           "--json", str(tmp_path / "d.json")]) == 0  # 3 fresh processes for the memory
     decode = json.loads((tmp_path / "d.json").read_text())
