@@ -134,7 +134,7 @@ class Replay(Method):
         x_t = pipe.scheduler.add_noise(x0, noise, t)                                       # fresh noise, random t
         t2 = torch.cat([t, t])                                                             # the CFG batch's
         with rid.full_precision(x0.device):
-            eps, _ = rid.checkpointed(args.checkpointing, rid.unet_eps, pipe.unet, x_t, t2, text_emb)
+            eps, _ = rid.checkpointed(args.checkpointing, pipe.unet, x_t, t2, text_emb)
             with torch.no_grad():
                 eps_teacher, _ = rid.unet_eps(pipe.unet, x_t, t2, text_emb, params=self.teacher)
         return {"loss_replay": (self.weight, F.mse_loss(eps, eps_teacher))}

@@ -1,6 +1,7 @@
 """The models: Stable Diffusion as a diffusers pipeline (SD1.5 from the hub, or a local folder such as the toy world's
-toy/pipeline), or SD1.5's architecture built from code with random weights; and the UNet's LoRA layers, with the fast
-path that folds them into the weights for the sampling steps without gradients.
+toy/pipeline), or SD1.5's architecture built from code with random weights; the UNet's LoRA layers, with the fast
+path that folds them into the weights for the sampling steps without gradients; and activation checkpointing
+(`recomputed`) for the steps with gradients.
 
 It may import the libraries and rewards.py (the tokenizer's vocabulary, the one-line missing-weights message), and
 nothing else of the project: the method (rid.py) and the run's bookkeeping (runfiles, checks, session) build on it.
@@ -280,6 +281,48 @@ def lora_shapes(unet: UNet2DConditionModel, adapters: list[str], rank: int, targ
             shapes[f"{name}.lora_A.{adapter}.weight"] = (rank, module.in_features)
             shapes[f"{name}.lora_B.{adapter}.weight"] = (module.out_features, rank)
     return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activation checkpointing.
+
+class Recompute(torch.autograd.Function):
+    """fn(*inputs) run without autograd, keeping only its inputs; in the backward pass, fn again with autograd, and
+    the gradients through that call. The trainable weights that fn uses come after the inputs, as inputs of their
+    own, so that their gradients flow also where no input needs one."""
+
+    @staticmethod
+    def forward(ctx, fn, n_inputs: int, *tensors):
+        ctx.fn, ctx.params = fn, tensors[n_inputs:]
+        ctx.save_for_backward(*tensors[:n_inputs])
+        ctx.set_materialize_grads(False)  # an output that no loss used gets None, not a tensor of zeros
+        return fn(*tensors[:n_inputs])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        needed = ctx.needs_input_grad[2:]
+        inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needed)]
+        with torch.enable_grad():
+            outputs = ctx.fn(*inputs)
+        outputs, grads = zip(*[(out, grad) for out, grad in zip(
+            outputs if isinstance(outputs, tuple) else (outputs,), grads) if grad is not None])
+        wrt = [x for x, need in zip([*inputs, *ctx.params], needed) if need]
+        found = iter(torch.autograd.grad(outputs, wrt, grads, allow_unused=True))
+        return None, None, *(next(found) if need else None for need in needed)
+
+
+def recomputed(module: torch.nn.Module, fn, *inputs: torch.Tensor):
+    """fn(*inputs), a tensor or a tuple of tensors, in activation checkpointing: only the inputs and outputs are kept,
+    and the backward pass runs fn once more. fn may use `module`'s trainable weights (their gradients flow, whether
+    or not an input needs one: torch's reentrant checkpointing drops them where none does) and no other tensor that
+    needs a gradient. The recompute replays neither random numbers (fn must draw none: the UNet and VAE here have no
+    dropout) nor precision settings: it runs under the autocast and TF32 flags in force where the backward runs
+    (rid.py backpropagates inside full_precision, the precision of its gradient steps; its decode puts the forward's
+    flags back itself). torch's non-reentrant checkpointing computes the same, but runs a Python hook for each tensor
+    the call saves, in the forward and again in the recompute (about a thousand in a UNet call), and keeps the
+    call's autograd graph: a tiny UNet call's forward and backward cost 1.71x its cost without checkpointing that
+    way, and 1.44x this way (docs/performance.md)."""
+    return Recompute.apply(fn, len(inputs), *inputs, *(p for p in module.parameters() if p.requires_grad))
 
 
 # ----------------------------------------------------------------------------------------------------------------

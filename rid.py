@@ -146,11 +146,10 @@ import torch.nn.functional as F  # noqa: E402
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
 from peft import LoraConfig, get_peft_model_state_dict  # noqa: E402
 from torch.func import functional_call  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from checks import check_args, check_model_args, choose_threads, exit_status, is_finite, read_prompts  # noqa: E402
 from models import (WEIGHT_DTYPES, adapters_disabled, adapters_folded, backend_flags, load_pipeline,  # noqa: E402
-                    scorer_on, tf32_flags)
+                    recomputed, scorer_on, tf32_flags)
 from session import Run, average_gradients, step_metrics, variance_noise  # noqa: E402
 from runfiles import reward_names  # noqa: E402
 from rewards import RewardSum, load_reward  # noqa: E402
@@ -235,10 +234,18 @@ def guide(eps: torch.Tensor, w: float) -> torch.Tensor:
     return eps_uncond + w * (eps_cond - eps_uncond)
 
 
-def checkpointed(enabled: bool, fn, *inputs):
-    """fn(*inputs), in non-reentrant activation checkpointing if enabled: only the inputs and outputs are kept, and
-    the backward pass runs fn once more. Reentrant checkpointing would drop the LoRA gradients."""
-    return checkpoint(fn, *inputs, use_reentrant=False) if enabled else fn(*inputs)
+def checkpointed(enabled: bool, unet, x, t, text_emb, feat_layers=()):
+    """unet_eps(unet, x, t, text_emb, feat_layers), in activation checkpointing if enabled (models.recomputed): only x
+    and the outputs are kept, and the backward pass runs the call once more. The LoRA gradients flow also at the
+    first gradient step, whose x comes from the no-grad chain."""
+    if not enabled:
+        return unet_eps(unet, x, t, text_emb, feat_layers)
+
+    def call(x):
+        eps, feats = unet_eps(unet, x, t, text_emb, feat_layers)
+        return eps, *feats
+    eps, *feats = recomputed(unet, call, x)
+    return eps, feats
 
 
 def ddim_step(pipe, eps: torch.Tensor, t, x: torch.Tensor, args: Args, generator=None, process=(0, 1)):
@@ -273,8 +280,8 @@ def sample_latents(pipe, x, text_emb, args: Args, k: int, teacher=None, generato
         # distillation too; later steps' inputs depend on theta, and distil() calls the student again, detached.
         reuse = teacher is not None and i == distill_step == split
         with full_precision(x.device):
-            eps, feats = checkpointed(args.checkpointing, unet_eps, pipe.unet, pipe.scheduler.scale_model_input(x, t),
-                                      t, text_emb, layers if reuse else ())
+            eps, feats = checkpointed(args.checkpointing, pipe.unet, pipe.scheduler.scale_model_input(x, t), t,
+                                      text_emb, layers if reuse else ())
         first_call = (eps, feats) if reuse else first_call
         x = ddim_step(pipe, eps, t, x, args, generator, process)
     if teacher is None or visited is None:
@@ -306,7 +313,7 @@ def decode_with_grad(vae: AutoencoderKL, latents: torch.Tensor, checkpointing: b
     def one(z):
         with backend_flags(as_forward):
             return decode(vae, z)
-    return torch.cat([checkpoint(one, z, use_reentrant=False) for z in latents.split(1)])
+    return torch.cat([recomputed(vae, one, z) for z in latents.split(1)])
 
 
 @torch.no_grad()

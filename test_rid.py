@@ -139,9 +139,12 @@ def test_gradients_flow_only_through_the_last_k_steps():
     calls_with_grad = []
     hook = pipe.unet.register_forward_pre_hook(lambda m, i: calls_with_grad.append(torch.is_grad_enabled()))
     loss, _, _ = reward_loss(pipe, args, prompts, latents, scorer, k)
-    hook.remove()
-    assert calls_with_grad == [False] * 3 + [True] * 2  # one UNet call per step (CFG batched), grads in the last K
+    sampled = list(calls_with_grad)
     truncated = grads(params, loss)
+    hook.remove()
+    # One UNet call per step (CFG batched), none keeping its activations (the last K in activation checkpoints); the
+    # backward runs the last K again, with autograd, and no other
+    assert sampled == [False] * 5 and calls_with_grad[5:] == [True] * 2
 
     def full_backprop(detach_early):
         """Reference: every step with autograd on; early steps see the LoRA tensors detached (or not)."""
@@ -272,7 +275,7 @@ def test_feature_distillation_gradients_survive_checkpoint_recomputation(monkeyp
     emb = rid.encode_prompts(pipe, prompts)
     checkpointed, terms = distillation_grads(
         params, args, lambda: rid.sample_latents(pipe, latents, emb, args, 2, teacher, distill_step=at)[1])
-    monkeypatch.setattr(rid, "checkpoint", lambda fn, *a, use_reentrant: fn(*a))
+    monkeypatch.setattr(rid, "recomputed", lambda module, fn, *a: fn(*a))
     plain, _ = distillation_grads(
         params, args, lambda: rid.sample_latents(pipe, latents, emb, args, 2, teacher, distill_step=at)[1])
     for g, g_ref in zip(checkpointed, plain):
@@ -1512,8 +1515,8 @@ def test_sd15_architecture_is_built_from_the_real_configs_without_a_download(mon
 
 def test_checkpointing_off_gives_the_same_step_without_checkpoint_calls(monkeypatch):
     calls = []
-    checkpoint = rid.checkpoint
-    monkeypatch.setattr(rid, "checkpoint", lambda *a, **kw: calls.append(None) or checkpoint(*a, **kw))
+    recomputed = rid.recomputed
+    monkeypatch.setattr(rid, "recomputed", lambda *a: calls.append(None) or recomputed(*a))
     scorer = load_reward("aesthetic", "cpu", tiny=True)
     monkeypatch.setattr(rid, "draw_distill_step", lambda pipe, args, k, generator: 2)  # the second of K = 2 of T = 3
     steps = {}
@@ -1737,8 +1740,8 @@ def test_distillation_gradient_is_the_gradient_of_a_regression_at_the_visited_st
     def spy(unet, x, t, emb, layers=(), params=None):
         if params is not None:
             visited.append((x.detach().clone(), t))
-        elif torch.is_grad_enabled():
-            student_calls.append(x.requires_grad)
+        else:
+            student_calls.append((torch.is_grad_enabled(), x.requires_grad))
         return unet_eps(unet, x, t, emb, layers, params)
     monkeypatch.setattr(rid, "unet_eps", spy)
     emb = rid.encode_prompts(pipe, prompts)
@@ -1750,8 +1753,11 @@ def test_distillation_gradient_is_the_gradient_of_a_regression_at_the_visited_st
         return terms
     gradient, _ = distillation_grads(params, args, sample)
     assert len(visited) == 1 and int(visited[0][1]) == int(pipe.scheduler.timesteps[at])  # the teacher once
-    # the K gradient steps, and a detached student call unless the first gradient step's own call serves
-    assert sampled == [False, True, True] + ([] if at == 1 else [False])
+    # (autograd on, x needs a gradient): the no-grad chain's one step; the K gradient steps, without autograd in their
+    # checkpoints (the backward runs them again), the first on an x without a graph; with autograd, a student call
+    # on the detached state, unless the first gradient step's own call serves
+    gradient_steps = [(False, False), (False, True), (False, True)]
+    assert sampled == [(False, False), *gradient_steps] + ([] if at == 1 else [(True, False)])
     with seeded(3):
         direction = {n: torch.randn_like(p) for n, p in params.items()}
     analytic = sum((g * direction[n]).sum() for n, g in zip(params, gradient))
@@ -1955,6 +1961,34 @@ def test_full_precision_falls_back_to_allow_tf32_on_torch_2_6_to_2_8(monkeypatch
         assert old_cuda.matmul.allow_tf32 is True
 
 
+def test_a_recomputed_call_keeps_only_its_input_and_gives_the_weights_gradients_where_the_input_needs_none():
+    """models.recomputed, the activation checkpointing of the gradient steps and the decode: the forward saves its
+    input and nothing of the call; the backward gives what the call without checkpointing gives, to the module's
+    trainable weights even where the input needs no gradient (the first gradient step's x_t, from the no-grad
+    chain), to the input where it needs one, and to each output that a loss uses."""
+    layer = torch.nn.Linear(4, 4)
+    layer.bias.requires_grad_(False)  # frozen, as the UNet's base weights
+
+    def call(x):
+        h = torch.tanh(layer(x))
+        return h * 2, h.square()
+    for needs_grad in (False, True):
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), requires_grad=needs_grad)
+        grads = []
+        for checkpointed in (True, False):
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+                a, b = models.recomputed(layer, call, x) if checkpointed else call(x)
+            assert (saved == [x.shape]) == checkpointed  # a plain call keeps x, the weight and tanh's output too
+            wrt = [layer.weight, x] if needs_grad else [layer.weight]
+            grads.append(torch.autograd.grad((a.sum() - b.mean(), a.mean()), wrt))
+        for g, g_ref in zip(*grads):
+            assert g.abs().sum() > 0
+            torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+        (only_a,) = torch.autograd.grad(models.recomputed(layer, call, x)[0].sum(), layer.weight)  # b unused
+        torch.testing.assert_close(only_a, torch.autograd.grad(call(x)[0].sum(), layer.weight)[0], rtol=0, atol=0)
+
+
 def test_the_decode_is_checkpointed_one_image_at_a_time_and_recomputed_at_the_forwards_precision(monkeypatch):
     """decode_with_grad: one activation checkpoint per image (so one image's decoder activations are alive at once),
     the gradient of decoding the batch at once, and the recompute (in the backward, inside full_precision) under the
@@ -1962,8 +1996,8 @@ def test_the_decode_is_checkpointed_one_image_at_a_time_and_recomputed_at_the_fo
     args, pipe, _, _, _ = tiny_setup(steps=2)
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
     weights = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    calls, flags, checkpoint, decode = [], [], rid.checkpoint, rid.decode
-    monkeypatch.setattr(rid, "checkpoint", lambda *a, **kw: calls.append(None) or checkpoint(*a, **kw))
+    calls, flags, recomputed, decode = [], [], rid.recomputed, rid.decode
+    monkeypatch.setattr(rid, "recomputed", lambda *a: calls.append(None) or recomputed(*a))
     monkeypatch.setattr(rid, "decode", lambda vae, x: flags.append(torch.backends.cudnn.conv.fp32_precision)
                         or decode(vae, x))
     with models.backend_flags(models.tf32_flags(True)):
