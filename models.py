@@ -304,10 +304,10 @@ class Recompute(torch.autograd.Function):
         inputs = [x.detach().requires_grad_(need) for x, need in zip(ctx.saved_tensors, needed)]
         with torch.enable_grad():
             outputs = ctx.fn(*inputs)
-        outputs, grads = zip(*[(out, grad) for out, grad in zip(
-            outputs if isinstance(outputs, tuple) else (outputs,), grads) if grad is not None])
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        used = [i for i, grad in enumerate(grads) if grad is not None]  # the outputs that a loss used
         wrt = [x for x, need in zip([*inputs, *ctx.params], needed) if need]
-        found = iter(torch.autograd.grad(outputs, wrt, grads, allow_unused=True))
+        found = iter(torch.autograd.grad([outputs[i] for i in used], wrt, [grads[i] for i in used], allow_unused=True))
         return None, None, *(next(found) if need else None for need in needed)
 
 
